@@ -1,0 +1,64 @@
+"""Building an engine from a ServingConfig, and the offline ``generate()`` API."""
+
+from __future__ import annotations
+
+import logging
+
+from batching.engine import Engine
+from batching.registry import batcher_class, is_contiguous
+from batching.runner import ModelRunner
+from batching.scheduler import SchedulerConfig
+from djl_like.config import ServingConfig, Strategy
+from djl_like.errors import ConfigError
+from djl_like.protocol import GenerationParams, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+
+def create_engine(config: ServingConfig, model_path: str, runner: ModelRunner | None = None) -> Engine:
+    """Load the model (unless a runner is given), size the KV cache and build the batcher."""
+    if config.tensor_parallel_degree != 1:
+        raise ConfigError(f"option.tensor_parallel_degree={config.tensor_parallel_degree} is not supported yet; "
+                          "use 1 (one device per model copy)")
+    runner = runner or ModelRunner(model_path, dtype=config.dtype, device=config.device,
+                                   trust_remote_code=config.trust_remote_code, revision=config.revision)
+    scheduler_config = size_kv_cache(config, runner)
+    batcher = batcher_class(config.strategy.value)(scheduler_config)
+    logger.info("strategy %s: %s", config.strategy.value, scheduler_config)
+    return Engine(runner, batcher, job_queue_size=config.job_queue_size)
+
+
+def size_kv_cache(config: ServingConfig, runner: ModelRunner) -> SchedulerConfig:
+    """Turn the one capacity knob (tokens) into blocks for this strategy and allocate them."""
+    max_model_len = config.max_model_len or runner.max_position_embeddings
+    if max_model_len > runner.max_position_embeddings:
+        raise ConfigError(f"option.max_model_len={max_model_len} exceeds the model's "
+                          f"max_position_embeddings ({runner.max_position_embeddings})")
+    dynamic = config.strategy is Strategy.DYNAMIC
+    max_num_seqs = config.batch_size if dynamic else config.max_rolling_batch_size
+    capacity = runner.kv_capacity_tokens(config.max_kv_cache_tokens, config.gpu_memory_utilization,
+                                         default_cpu=max_num_seqs * max_model_len)
+    block_size = max_model_len if is_contiguous(config.strategy.value) else config.block_size
+    num_blocks = capacity // block_size
+    if num_blocks == 0:
+        raise ConfigError(f"the KV cache capacity ({capacity} tokens) cannot hold one block of {block_size} tokens; "
+                          "raise option.max_kv_cache_tokens or lower option.max_model_len")
+    runner.allocate_kv_cache(num_blocks, block_size)
+    return SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=config.max_rolling_batch_prefill_tokens,
+        max_model_len=max_model_len,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        max_batch_delay_s=config.max_batch_delay_ms / 1000.0)
+
+
+def generate(engine: Engine, prompts: list[str] | list[list[int]],
+             params: GenerationParams | list[GenerationParams]) -> list[GenerationResult]:
+    """Generate for every prompt through the engine's batcher; results in prompt order."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    handles = [engine.submit(prompt, p) for prompt, p in zip(prompts, per_prompt)]
+    if engine._thread is None:
+        engine.run_until_idle()
+    return [handle.result() for handle in handles]

@@ -1,0 +1,175 @@
+"""The model runner: owns the model, the tokenizer and the physical KV tensors, and executes one
+packed batch per step through the project's attention function (kernels/attention.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from batching.scheduler import SchedulerOutput
+from kernels import attention
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the KV cache of one model, independent of how it is cut into blocks."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(requested: str, device: torch.device, config) -> torch.dtype:
+    """``auto`` is float32 on CPU (exact, and fast there) and the checkpoint's dtype on CUDA."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type != "cuda":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return stored if isinstance(stored, torch.dtype) and stored != torch.float32 else torch.bfloat16
+
+
+class ModelRunner:
+    """Loads a causal LM once; ``allocate_kv_cache`` then ``execute`` each step."""
+
+    def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None,
+                 trust_remote_code: bool = False, revision: str | None = None):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self.device = pick_device(device)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
+        self.dtype = pick_dtype(dtype, self.device, config)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, attn_implementation=attention.register(),
+            trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:
+            self.generation_config = GenerationConfig.from_model_config(config)
+        self.layout = kv_layout(self.model.config, self.dtype)
+        self.backend = attention.select_backend(self.device)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+
+    # ---- facts about the model -----------------------------------------------------------
+    @property
+    def max_position_embeddings(self) -> int:
+        text_config = self.model.config.get_text_config()
+        return int(getattr(text_config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every EOS id of the generation config (falling back to the tokenizer's)."""
+        ids = self.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        if ids is None:
+            return set()
+        return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+    # ---- the KV cache ----------------------------------------------------------------------
+    def kv_capacity_tokens(self, explicit: int | None, gpu_memory_utilization: float, default_cpu: int) -> int:
+        """The one capacity knob, in tokens: explicit if set, else measured on CUDA, else a
+        CPU default bounded by a quarter of host memory."""
+        if explicit is not None:
+            return explicit
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * gpu_memory_utilization - (total - free)
+            return max(0, int(budget // self.layout.bytes_per_token))
+        host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return min(default_cpu, int(host_bytes // 4 // self.layout.bytes_per_token))
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """One (k, v) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]."""
+        layout = self.layout
+        shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=layout.dtype, device=self.device),
+                           torch.zeros(shape, dtype=layout.dtype, device=self.device))
+                          for _ in range(layout.num_layers)]
+        self.block_size = block_size
+        logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
+                    num_blocks * block_size * layout.bytes_per_token / 2**20)
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+        """Run the packed batch; logits [num sampling sequences, vocab] in float32."""
+        inputs = self._prepare(batch)
+        out = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
+                         logits_to_keep=inputs.logits_indices, attn_metadata=inputs.metadata)
+        return out.logits[0].float()
+
+    def _prepare(self, batch: SchedulerOutput) -> "StepInputs":
+        block_size = self.block_size
+        input_ids, positions, slots, context_lens, cu_seqlens, logits_indices = [], [], [], [], [0], []
+        for item in batch.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + item.num_new_tokens)
+            if item.samples:
+                logits_indices.append(cu_seqlens[-1] - 1)
+        return StepInputs(
+            input_ids=self._tensor([input_ids], torch.long),
+            position_ids=self._tensor([positions], torch.long),
+            logits_indices=self._tensor(logits_indices or [0], torch.long),
+            metadata=self._metadata(batch, slots, context_lens, cu_seqlens))
+
+    def _metadata(self, batch, slots, context_lens, cu_seqlens) -> attention.AttentionMetadata:
+        width = max(len(item.seq.block_table) for item in batch.scheduled)
+        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch.scheduled]
+        meta = attention.AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.long),
+            block_tables=self._tensor(tables, torch.int32),
+            context_lens=self._tensor(context_lens, torch.int32),
+            cu_seqlens_q=cu_seqlens,
+            context_lens_host=context_lens,
+            num_decodes=sum(1 for item in batch.scheduled if item.num_new_tokens == 1),
+            kv_caches=self.kv_caches,
+            backend=self.backend)
+        self.backend.prepare(meta)
+        return meta
+
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    logits_indices: torch.Tensor  # [num sampling sequences]
+    metadata: attention.AttentionMetadata
+
+
+def kv_layout(config, dtype: torch.dtype) -> KVLayout:
+    """Layers, KV heads and head size from a Hugging Face config (Llama, Qwen2, Mistral, GPT-2 ...)."""
+    text = config.get_text_config()
+    num_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    return KVLayout(text.num_hidden_layers, num_kv_heads, head_dim, dtype)

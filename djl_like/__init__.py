@@ -1,0 +1,1 @@
+"""The LMI contract: configuration, request parsing, output formats. Importable without torch."""

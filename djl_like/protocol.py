@@ -1,0 +1,76 @@
+"""Typed protocol shared by the HTTP layer and the engine.
+
+``GenerationParams`` holds the LMI generation parameters with LMI's names and defaults;
+``TokenOutput`` is what the engine emits per generated token; ``FinishReason`` spells the
+``finish_reason`` values of LMI's ``details``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Generation parameters of one prompt, validated (see ``djl_like.requests``)."""
+
+    max_new_tokens: int = 30
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    details: bool = False
+    return_full_text: bool = False
+    decoder_input_details: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One generated token as the engine emits it.
+
+    ``text`` is the *new* text this token makes visible (may be empty while a multi-byte
+    character or a possible stop sequence is held back); concatenating ``text`` over a request's
+    outputs gives its generated text exactly. ``finish_reason`` is set on the last output only.
+    """
+
+    token_id: int
+    text: str
+    log_prob: float
+    finish_reason: FinishReason | None = None
+    # Set on the last output only: number of prompt tokens, for usage reports.
+    num_prompt_tokens: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation, assembled from its ``TokenOutput`` stream by the route."""
+
+    prompt: str
+    tokens: list[TokenOutput] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.tokens[-1].finish_reason if self.tokens else None
