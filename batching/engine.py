@@ -19,7 +19,7 @@ import torch
 from batching.detokenizer import IncrementalDetokenizer
 from batching.runner import ModelRunner
 from batching.sampler import Sampler
-from batching.scheduler import Batcher, SchedulerOutput
+from batching.scheduler import Batcher, ScheduledSequence, SchedulerOutput
 from batching.sequence import Sequence
 from djl_like.errors import (BadRequestError, DeviceOutOfMemoryError, LmiError, ModelError,
                              ServiceUnavailableError)
@@ -188,17 +188,33 @@ class Engine:
         batch = self.batcher.schedule()
         if batch.is_empty:
             return
-        sampling = batch.sampling_sequences
         try:
-            logits = self.runner.execute(batch)
-            tokens, log_probs = self.sampler.sample(logits, sampling)
-        except Exception as exc:  # noqa: BLE001 - the failure belongs to this batch only
-            self._fail_batch(batch, exc)
-            return
+            self._run(batch)
+        except Exception:  # noqa: BLE001 - find the request that broke the batch, spare the rest
+            logger.exception("step failed for %d sequences; retrying them one by one", len(batch.scheduled))
+            for item in batch.scheduled:
+                self._run_alone(item)
+
+    def _run(self, batch: SchedulerOutput) -> None:
+        sampling = batch.sampling_sequences
+        logits = self.runner.execute(batch)
+        tokens, log_probs = self.sampler.sample(logits, sampling)
         self.batcher.advance(batch, tokens)
         self._record(batch, len(tokens))
         for seq, token, log_prob in zip(sampling, tokens, log_probs):
             self._postprocess(self._states[seq.request_id], token, log_prob)
+
+    def _run_alone(self, item: ScheduledSequence) -> None:
+        """Re-run one member of a failed batch; if it fails alone, only its request fails."""
+        if item.seq.is_finished:
+            return
+        try:
+            self._run(SchedulerOutput([item]))
+        except Exception as exc:  # noqa: BLE001 - the failure belongs to this request only
+            logger.exception("request %s failed", item.seq.request_id)
+            error_type = DeviceOutOfMemoryError if isinstance(exc, torch.OutOfMemoryError) else ModelError
+            error = error_type(f"the model failed on this request: {type(exc).__name__}: {exc}")
+            self._finish(self._states[item.seq.request_id], FinishReason.ABORT, error)
 
     def _postprocess(self, state: _RequestState, token: int, log_prob: float) -> None:
         """Detokenize, check the stop conditions, emit, and free the sequence when it is done."""
@@ -218,24 +234,18 @@ class Engine:
         if final:
             self._finish(state, reason)
 
-    def _finish(self, state: _RequestState, reason: FinishReason) -> None:
+    def _finish(self, state: _RequestState, reason: FinishReason, error: LmiError | None = None) -> None:
+        """Free the sequence; an aborted or failed handle gets its end marker or its error."""
         self.batcher.finish(state.seq, reason)
         self.sampler.forget(state.seq)
         del self._states[state.seq.request_id]
         self.counters.finished[reason.value] += 1
-        if reason is FinishReason.ABORT:
+        if error is not None:
+            state.handle.put(error)
+        elif reason is FinishReason.ABORT:
             state.handle.put(_END)
         with self._lock:
             self._num_pending -= 1
-
-    def _fail_batch(self, batch: SchedulerOutput, exc: Exception) -> None:
-        logger.exception("step failed for %d sequences", len(batch.scheduled))
-        error = (DeviceOutOfMemoryError if isinstance(exc, torch.OutOfMemoryError) else ModelError)(
-            f"the model failed on this request: {type(exc).__name__}: {exc}")
-        for item in batch.scheduled:
-            state = self._states[item.seq.request_id]
-            self._finish(state, FinishReason.ABORT)
-            state.handle.put(error)
 
     def _fail_all(self, error: LmiError) -> None:
         for state in list(self._states.values()):

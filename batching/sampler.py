@@ -24,6 +24,7 @@ class Sampler:
     def __init__(self) -> None:
         self._generators: dict[int, torch.Generator] = {}
 
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
         """logits: [len(seqs), V] float32. Returns one token id and its log-probability per row."""
         logits = logits.float()
