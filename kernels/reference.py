@@ -27,8 +27,9 @@ def write_kv(
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    flat_k[slot_mapping] = key.to(k_cache.dtype)
-    flat_v[slot_mapping] = value.to(v_cache.dtype)
+    # index_copy_ is several times faster than advanced-index assignment on CPU.
+    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 def context_slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -42,7 +43,8 @@ def context_slots(block_tables: torch.Tensor, positions: torch.Tensor, block_siz
 def gather_context(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rows of the flattened cache at ``slots`` ([...]) -> [..., Hkv, D]."""
     num_kv_heads, head_dim = cache.shape[-2:]
-    return cache.view(-1, num_kv_heads, head_dim)[slots]
+    rows = torch.index_select(cache.view(-1, num_kv_heads, head_dim), 0, slots.reshape(-1))
+    return rows.view(*slots.shape, num_kv_heads, head_dim)
 
 
 def paged_attention_varlen(

@@ -174,20 +174,13 @@ def paged_decode_attention(
     """
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tile_size)
     batch_size, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(query)
     if batch_size == 0:
         return out
-    head_dim_pad = max(_MIN_DOT, triton.next_power_of_2(head_dim))
-    tile = tile_size or max(_MIN_DOT, min(_MAX_TILE, _TILE_ELEMENTS // head_dim_pad))
     # The widest block table bounds every context without reading context_lens back from the GPU.
-    max_context_len = block_tables.shape[1] * block_size
-    max_splits = max(1, triton.cdiv(max_context_len, tile))  # never more splits than tiles
-    if num_splits is None:
-        num_splits = choose_num_splits(batch_size * num_kv_heads, max_context_len, tile,
-                                       _target_programs(query.device))
-    num_splits = min(num_splits, max_splits)
-
+    num_splits, tile = launch_config(batch_size, num_kv_heads, head_dim, block_tables.shape[1] * block_size,
+                                     query.device, num_splits, tile_size)
     group_size = num_heads // num_kv_heads
     if num_splits == 1:
         partial, lse = out, out  # the split kernel writes the final output; lse is not stored
@@ -207,7 +200,7 @@ def paged_decode_attention(
         *partial_strides,
         lse.stride(0), lse.stride(1),
         GROUP_PAD=max(_MIN_DOT, triton.next_power_of_2(group_size)),
-        HEAD_DIM_PAD=head_dim_pad,
+        HEAD_DIM_PAD=max(_MIN_DOT, triton.next_power_of_2(head_dim)),
         TILE=tile,
         DOT_PRECISION="ieee" if torch.float32 in (query.dtype, k_cache.dtype) else "tf32",
         STORE_LSE=num_splits > 1,
@@ -219,6 +212,17 @@ def paged_decode_attention(
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         )
     return out
+
+
+def launch_config(batch_size: int, num_kv_heads: int, head_dim: int, max_context_len: int, device: torch.device,
+                  num_splits: int | None = None, tile_size: int | None = None) -> tuple[int, int]:
+    """(num_splits, tile_size) of a launch: the given values or the defaults, with num_splits capped
+    at the number of tiles of ``max_context_len`` (never more splits than tiles)."""
+    head_dim_pad = max(_MIN_DOT, triton.next_power_of_2(head_dim))
+    tile = tile_size or max(_MIN_DOT, min(_MAX_TILE, _TILE_ELEMENTS // head_dim_pad))
+    if num_splits is None:
+        num_splits = choose_num_splits(batch_size * num_kv_heads, max_context_len, tile, _target_programs(device))
+    return max(1, min(num_splits, triton.cdiv(max_context_len, tile))), tile
 
 
 def choose_num_splits(num_programs: int, max_context_len: int, tile_size: int, target_programs: int) -> int:
