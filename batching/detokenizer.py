@@ -7,14 +7,17 @@ never streamed. Concatenating every emitted piece gives exactly the final text."
 
 from __future__ import annotations
 
+import contextlib
+
 REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
     """Decodes one sequence's generated tokens (prompt excluded), piece by piece."""
 
-    def __init__(self, tokenizer, stop_sequences: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop_sequences: tuple[str, ...] = (), lock=None):
         self.tokenizer = tokenizer
+        self._lock = lock or contextlib.nullcontext()
         self.stop_sequences = tuple(s for s in stop_sequences if s)
         self.holdback = max((len(s) for s in self.stop_sequences), default=1) - 1
         self.token_ids: list[int] = []
@@ -61,4 +64,5 @@ class IncrementalDetokenizer:
         return piece
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        with self._lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -105,6 +105,7 @@ class Engine:
         self._wakeup = threading.Event()
         self._num_pending = 0  # submitted and not finished: guarded by _lock
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
@@ -115,7 +116,7 @@ class Engine:
         Raises BadRequestError (does not fit) or ServiceUnavailableError (queue full, engine dead)."""
         if not self.is_healthy:
             raise ServiceUnavailableError("the engine is not running")
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise BadRequestError("the prompt encodes to no tokens")
         seq = Sequence(token_ids, params, request_id or f"req-{next(_request_ids)}")
@@ -124,11 +125,17 @@ class Engine:
             if self._num_pending >= self.job_queue_size:
                 raise ServiceUnavailableError(f"the request queue is full ({self.job_queue_size} requests)")
             self._num_pending += 1
-        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(token_ids)
+        text = prompt if isinstance(prompt, str) else ""
         handle = RequestHandle(self, seq.request_id, text, len(token_ids))
-        self._inbox.put(("add", _RequestState(seq, handle, IncrementalDetokenizer(self.tokenizer, params.stop_sequences))))
+        self._inbox.put(("add", _RequestState(seq, handle, IncrementalDetokenizer(self.tokenizer, params.stop_sequences, self._tokenizer_lock))))
         self._wakeup.set()
         return handle
+
+    def encode(self, text: str) -> list[int]:
+        # NOTE: HTTP threads encode while the engine thread decodes; the Rust tokenizer can raise
+        # "Already borrowed" under concurrent use, so calls are serialised (they take microseconds).
+        with self._tokenizer_lock:
+            return self.tokenizer.encode(text)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -20,6 +20,11 @@ def create_engine(config: ServingConfig, model_path: str, runner: ModelRunner | 
     if config.tensor_parallel_degree != 1:
         raise ConfigError(f"option.tensor_parallel_degree={config.tensor_parallel_degree} is not supported yet; "
                           "use 1 (one device per model copy)")
+    if config.entry_point:
+        raise ConfigError(f"option.entryPoint={config.entry_point!r}: custom model.py handlers are not supported yet; "
+                          "remove the key to use the built-in text-generation handler")
+    if config.task not in (None, "text-generation"):
+        raise ConfigError(f"option.task={config.task!r} is not supported yet; only text-generation is served")
     runner = runner or ModelRunner(model_path, dtype=config.dtype, device=config.device,
                                    trust_remote_code=config.trust_remote_code, revision=config.revision)
     scheduler_config = size_kv_cache(config, runner)
