@@ -359,7 +359,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def admit_sequence(self, data):
         base = data.draw(st.sampled_from(self.past_token_ids))
-        shared = base[: data.draw(st.integers(0, len(base)))]
+        # Mostly a whole earlier sequence, so prefixes (and duplicates) are common.
+        shared = base[: data.draw(st.just(len(base)) | st.integers(0, len(base)))]
         tail = data.draw(st.lists(TOKENS, min_size=1, max_size=3 * self.manager.block_size + 1))
         token_ids = shared + tail
         hits = self.manager.match_prefix(token_ids)
@@ -380,6 +381,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.sequences[self.next_seq_id] = sequence
         self.next_seq_id += 1
         self.past_token_ids.append(token_ids)
+        self._compute(sequence, data)  # its first prefill chunk
 
     @precondition(lambda self: self.sequences)
     @rule(data=st.data())
@@ -398,17 +400,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert sequence.block_table == table_before
         self._free(seq_id)  # preempted
 
-    @precondition(lambda self: any(s.num_computed_tokens < len(s.token_ids) for s in self.sequences.values()))
+    @precondition(lambda self: self._pending_seq_ids())
     @rule(data=st.data())
     def compute_tokens(self, data):
-        pending = sorted(i for i, s in self.sequences.items() if s.num_computed_tokens < len(s.token_ids))
-        sequence = self.sequences[data.draw(st.sampled_from(pending))]
-        remaining = len(sequence.token_ids) - sequence.num_computed_tokens
-        sequence.num_computed_tokens += data.draw(st.integers(1, remaining))
-        self._record_computed_blocks(sequence)
-        self.manager.register_full_blocks(
-            sequence.block_table, sequence.token_ids, sequence.num_computed_tokens
-        )
+        self._compute(self.sequences[data.draw(st.sampled_from(self._pending_seq_ids()))], data)
 
     @precondition(lambda self: self.sequences)
     @rule(data=st.data())
@@ -457,6 +452,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.manager.allocate(block_table, num_tokens)
         for block_id in block_table[num_before:]:
             self.computed_prefix.pop(block_id, None)  # reused for new content
+
+    def _pending_seq_ids(self):
+        return [
+            seq_id
+            for seq_id, sequence in sorted(self.sequences.items())
+            if sequence.num_computed_tokens < len(sequence.token_ids)
+        ]
+
+    def _compute(self, sequence, data):
+        """One step's chunk for ``sequence``: some of its uncomputed tokens get K/V."""
+        remaining = len(sequence.token_ids) - sequence.num_computed_tokens
+        sequence.num_computed_tokens += data.draw(st.integers(0, remaining))
+        self._record_computed_blocks(sequence)
+        self.manager.register_full_blocks(
+            sequence.block_table, sequence.token_ids, sequence.num_computed_tokens
+        )
 
     def _record_computed_blocks(self, sequence):
         block_size = self.manager.block_size
