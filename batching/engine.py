@@ -196,13 +196,13 @@ class Engine:
         if batch.is_empty:
             return
         try:
-            self._run(batch)
+            self._execute(batch)
         except Exception:  # noqa: BLE001 - find the request that broke the batch, spare the rest
             logger.exception("step failed for %d sequences; retrying them one by one", len(batch.scheduled))
             for item in batch.scheduled:
                 self._run_alone(item)
 
-    def _run(self, batch: SchedulerOutput) -> None:
+    def _execute(self, batch: SchedulerOutput) -> None:
         sampling = batch.sampling_sequences
         logits = self.runner.execute(batch)
         tokens, log_probs = self.sampler.sample(logits, sampling)
@@ -216,7 +216,7 @@ class Engine:
         if item.seq.is_finished:
             return
         try:
-            self._run(SchedulerOutput([item]))
+            self._execute(SchedulerOutput([item]))
         except Exception as exc:  # noqa: BLE001 - the failure belongs to this request only
             logger.exception("request %s failed", item.seq.request_id)
             error_type = DeviceOutOfMemoryError if isinstance(exc, torch.OutOfMemoryError) else ModelError

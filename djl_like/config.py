@@ -94,6 +94,9 @@ class ServingConfig:
     trust_remote_code: bool = False
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = True
+    # Render plain-text `inputs` as one user message with the tokenizer's chat template, so an
+    # instruct model answers a bare question (on by default for the embedded default model).
+    apply_chat_template: bool = False
     block_size: int = 16
     max_kv_cache_tokens: int | None = None  # None: from device memory (GPU) or a CPU default
     gpu_memory_utilization: float = 0.9
@@ -272,6 +275,7 @@ _KEYS: dict[str, _Key] = {
     "option.trust_remote_code": _Key("trust_remote_code", _boolean),
     "option.enable_prefix_caching": _Key("enable_prefix_caching", _boolean),
     "option.enable_chunked_prefill": _Key("enable_chunked_prefill", _boolean),
+    "option.apply_chat_template": _Key("apply_chat_template", _boolean),
     "option.block_size": _Key("block_size", _integer(1, 1024)),
     "option.max_kv_cache_tokens": _Key("max_kv_cache_tokens", _positive_integer),
     "option.gpu_memory_utilization": _Key("gpu_memory_utilization", _positive_number(1.0)),

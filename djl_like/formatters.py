@@ -15,8 +15,9 @@ from djl_like.requests import InvocationRequest
 
 _CONTENT_TYPES = {
     "json": "application/json",
-    "jsonlines": "application/jsonlines",
-    "sse": "text/event-stream",
+    # NOTE: frames carry raw UTF-8; without the charset, HTTP clients decode text/* as latin-1.
+    "jsonlines": "application/jsonlines; charset=utf-8",
+    "sse": "text/event-stream; charset=utf-8",
 }
 _OPENAI_FINISH_REASONS = {
     FinishReason.LENGTH: "length",

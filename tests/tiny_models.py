@@ -62,13 +62,13 @@ def _config(architecture: str, vocab_size: int, eos_token_id: int, **overrides):
 
     common = dict(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=eos_token_id, tie_word_embeddings=False)
     if architecture == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, **common, **overrides)
+        return LlamaConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=512), **common, **overrides})
     if architecture == "qwen2":
-        return Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
-                           num_key_value_heads=2, max_position_embeddings=512, **common, **overrides)
+        return Qwen2Config(**{**dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                                     num_key_value_heads=2, max_position_embeddings=512), **common, **overrides})
     if architecture == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common, **overrides)
+        return GPT2Config(**{**dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), **common, **overrides})
     raise ValueError(f"unknown test architecture {architecture!r}")
 
 

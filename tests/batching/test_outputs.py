@@ -144,3 +144,17 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours(tokenizer):
         list(bad.outputs(timeout=0))
     assert failure.value.status == 424 and "kernel failure" in failure.value.message
     assert engine.stats()["kv_tokens_reserved"] == 0 and engine.is_healthy
+
+
+def test_engine_thread_serves_submissions_and_stays_healthy(tokenizer):
+    engine, runner = scripted_engine(tokenizer, {tokenizer.eos_token_id}, "paged")
+    runner.script("q", tokenizer.encode("threaded answer"))
+    engine.start()
+    try:
+        handles = [engine.submit("q", GenerationParams(max_new_tokens=3)) for _ in range(4)]
+        texts = ["".join(o.text for o in h.outputs(timeout=30)) for h in handles]
+        assert texts == ["".join(tokenizer.decode(tokenizer.encode("threaded answer")[:3]))] * 4
+        assert engine.is_healthy
+    finally:
+        engine.shutdown()
+    assert not engine.is_healthy

@@ -71,6 +71,7 @@ def test_defaults():
         ("option.trust_remote_code", "TRUE", "trust_remote_code", True),
         ("option.trust_remote_code", "False", "trust_remote_code", False),
         ("option.enable_prefix_caching", "true", "enable_prefix_caching", True),
+        ("option.apply_chat_template", "true", "apply_chat_template", True),
         ("option.enable_chunked_prefill", "false", "enable_chunked_prefill", False),
         ("option.block_size", "1", "block_size", 1),
         ("option.block_size", "1024", "block_size", 1024),

@@ -251,8 +251,8 @@ def test_frame_refuses_a_formatter_that_does_not_stream(formatter):
     "formatter, expected",
     [
         ("json", "application/json"),
-        ("jsonlines", "application/jsonlines"),
-        ("sse", "text/event-stream"),
+        ("jsonlines", "application/jsonlines; charset=utf-8"),
+        ("sse", "text/event-stream; charset=utf-8"),
     ],
 )
 def test_content_types(formatter, expected):

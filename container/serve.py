@@ -1,0 +1,210 @@
+"""``serve``: the container's entry point (``docker run IMAGE serve``).
+
+The master process reads the configuration and finds the model before anything starts, so a
+wrong setting stops the container at once with a message naming the key. It then runs gunicorn:
+one worker process per model copy, each loading its own engine in the background (``/ping``
+answers 503 until it is ready), with many threads so concurrent requests reach the engine
+together and are batched there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.gthread import ThreadWorker
+
+from djl_like.config import DEFAULT_MODEL_DIR, ServingConfig, load_config
+from djl_like.errors import ConfigError
+
+logger = logging.getLogger("container.serve")
+
+DEFAULT_MODEL_MAX_LEN = 2048
+# Each request waiting on the engine holds one thread: enough threads for the engine's queue,
+# within reason (idle threads cost nothing: the pool creates them on demand).
+MIN_THREADS, MAX_THREADS = 64, 1024
+# gunicorn kills a worker whose main loop has not checked in for this long. The loop checks in
+# every second whatever the requests do; a worker that misses minutes of check-ins is hung.
+WORKER_HEARTBEAT_TIMEOUT_S = 300
+GRACEFUL_SHUTDOWN_S = 30
+CONFIG_ERROR_EXIT = 2
+_OPTIONAL_SETTINGS = frozenset({"control_socket_disable"})
+LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+
+class ServingApplication(BaseApplication):
+    """gunicorn, configured in code: each worker builds its own app (and model copy) on start."""
+
+    def __init__(self, config: ServingConfig, model_path: str, options: dict):
+        self.config = config
+        self.model_path = model_path
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            if key in _OPTIONAL_SETTINGS and key not in self.cfg.settings:
+                continue  # an older gunicorn without this feature needs no setting for it
+            self.cfg.set(key, value)
+
+    def load(self):
+        """Called in each worker after the fork (no preload): the model loads there."""
+        from container.app import create_app  # NOTE: keeps torch out of the master process
+
+        app = create_app(self.config, self.model_path)
+        _stop_on_config_error(app.extensions["lmi_engine_loader"])
+        return app
+
+
+def _stop_on_config_error(loader) -> None:
+    """Stop the whole server when loading finds a setting impossible for this model.
+
+    Some settings can only be checked against the loaded model (``option.max_model_len`` beyond
+    its positions, a KV cache too small for one block, an unsupported ``option.task``). Like an
+    invalid serving.properties, they stop the container with the message, rather than leaving
+    it answering 503 forever: gunicorn halts when a worker exits with its boot-error status.
+    """
+    def watch() -> None:
+        loader.loaded.wait()
+        if isinstance(loader.error, ConfigError):
+            print(f"serve: invalid configuration: {loader.error}", file=sys.stderr, flush=True)
+            os._exit(Arbiter.WORKER_BOOT_ERROR)
+
+    threading.Thread(target=watch, name="config-watch", daemon=True).start()
+
+
+class PromptShutdownThreadWorker(ThreadWorker):
+    """gunicorn's gthread worker, with a graceful shutdown that ends on time.
+
+    NOTE: after SIGTERM, gunicorn 26's gthread worker waits for socket events for the whole
+    graceful timeout in one call and closes expired idle keep-alive connections only after it:
+    one idle client (load balancers keep connections open) holds every stop for 30 s. Waiting
+    at most a second at a time lets idle connections expire after their keep-alive time.
+    """
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        super().wait_for_and_dispatch_events(min(timeout, 1.0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, check the configuration, find the model and run gunicorn."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        config, model_path = prepare(args.model_dir, os.environ, explicit_dir=args.explicit_dir)
+    except ConfigError as error:
+        print(f"serve: invalid configuration: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
+    port = args.port or config.port
+    options = gunicorn_options(config, args.host, port, args.threads)
+    logger.info("serving %s on %s:%d with %s batching, %d worker(s)", model_path, args.host, port,
+                config.strategy.value, config.num_workers)
+    ServingApplication(config, model_path, options).run()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="folder with serving.properties and/or the model "
+                        f"(default: $MODEL_DIR, else {DEFAULT_MODEL_DIR})")
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (default: SAGEMAKER_BIND_TO_PORT, the "
+                        "port key of serving.properties, else 8080)")
+    parser.add_argument("--threads", type=int, help="request threads per worker (default: from "
+                        f"job_queue_size, between {MIN_THREADS} and {MAX_THREADS})")
+    args = parser.parse_args(argv)
+    chosen = args.model_dir or os.environ.get("MODEL_DIR")
+    args.explicit_dir = chosen is not None
+    args.model_dir = chosen or DEFAULT_MODEL_DIR
+    return args
+
+
+def prepare(model_dir: str, env, *, explicit_dir: bool = True) -> tuple[ServingConfig, str]:
+    """Load and check the configuration and find the model folder: (config, model path).
+
+    Raises ``ConfigError`` for anything that cannot work. When no model is configured, the
+    embedded default model is converted (once) and served with ``max_model_len`` 2048 unless
+    the user set it. A model folder the user named must exist; the default one may be absent.
+    """
+    if explicit_dir and not os.path.isdir(model_dir):
+        raise ConfigError(f"model directory {model_dir!r} does not exist or is not a folder")
+    config = load_config(model_dir, env)
+    model_path = _resolve_model_path(config)
+    if model_path is not None:
+        return config, model_path
+    logger.info("no model configured in %s: serving the default model (SmolLM2-135M-Instruct)",
+                model_dir)
+    if "max_model_len" not in config.explicit:
+        config = dataclasses.replace(config, max_model_len=DEFAULT_MODEL_MAX_LEN)
+    if "apply_chat_template" not in config.explicit:
+        # NOTE: an instruct model given a bare question ends its turn at once; users of the
+        # default model expect `{"inputs": "What is ...?"}` to be answered.
+        config = dataclasses.replace(config, apply_chat_template=True)
+    return config, _default_model_path()
+
+
+def _resolve_model_path(config: ServingConfig) -> str | None:
+    try:
+        from container.model_store import resolve_model_path
+    except ImportError:  # NOTE: the model store is optional; a plain local folder needs none
+        return _local_model_path(config)
+    return resolve_model_path(config)
+
+
+def _local_model_path(config: ServingConfig) -> str | None:
+    """The local-folder rule alone: model_id or the model dir, if it holds config.json."""
+    folder = config.model_id or config.model_dir
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    if config.model_id is not None:
+        raise ConfigError(f"option.model_id={config.model_id!r} is not a local model folder "
+                          "with config.json")
+    return None
+
+
+def _default_model_path() -> str:
+    """Convert (once) and locate the default model, in a child process.
+
+    NOTE: the conversion uses torch; doing it in a child keeps torch's thread pools (unsafe
+    across fork) and the dequantised weights out of the master that forks the workers.
+    """
+    child = subprocess.run([sys.executable, "-m", "container.default_model"],
+                           stdout=subprocess.PIPE, text=True, check=False)
+    if child.returncode != 0:
+        raise ConfigError("the default model is not available (see the message above); "
+                          "configure a model with option.model_id or the model directory")
+    return child.stdout.strip().splitlines()[-1]
+
+
+def gunicorn_options(config: ServingConfig, host: str, port: int, threads: int | None) -> dict:
+    """gunicorn settings: threaded workers, one per model copy, no preload, logs to stdio."""
+    threads = threads or min(max(config.job_queue_size, MIN_THREADS), MAX_THREADS)
+    return {
+        "bind": f"{host}:{port}",
+        "workers": config.num_workers,
+        "worker_class": PromptShutdownThreadWorker,
+        "threads": threads,
+        # Connections beyond the busy threads are idle keep-alive ones, waiting in the poller.
+        "worker_connections": 2 * threads,
+        "preload_app": False,  # each worker loads its own model copy
+        "timeout": WORKER_HEARTBEAT_TIMEOUT_S,
+        "graceful_timeout": GRACEFUL_SHUTDOWN_S,
+        "keepalive": 5,
+        "accesslog": "-",
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": "lmi-serve",
+        # NOTE: gunicorn >= 25 opens a control socket at one fixed path per user, which two
+        # servers on one machine would fight over; nothing here uses it.
+        "control_socket_disable": True,
+    }
+
+
+if __name__ == "__main__":
+    main()
