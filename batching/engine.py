@@ -83,7 +83,7 @@ class _RequestState:
 class EngineCounters:
     steps: int = 0
     tokens_generated: int = 0
-    prompt_tokens_computed: int = 0
+    tokens_computed: int = 0  # every token through the model: prompts, decodes, recomputation
     finished: Counter = field(default_factory=Counter)
     batch_size_histogram: Counter = field(default_factory=Counter)
     max_batch_size: int = 0
@@ -152,6 +152,11 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    @property
+    def is_running(self) -> bool:
+        """True when the engine thread drives the steps (``start()`` was called)."""
+        return self._thread is not None
 
     @property
     def is_healthy(self) -> bool:
@@ -262,8 +267,7 @@ class Engine:
         counters = self.counters
         counters.steps += 1
         counters.tokens_generated += num_sampled
-        counters.prompt_tokens_computed += batch.num_batched_tokens - sum(
-            1 for item in batch.scheduled if item.num_new_tokens == 1)
+        counters.tokens_computed += batch.num_batched_tokens
         size = len(batch.scheduled)
         counters.batch_size_histogram[size] += 1
         counters.max_batch_size = max(counters.max_batch_size, size)
@@ -286,7 +290,7 @@ class Engine:
             "healthy": self.is_healthy,
             "steps": counters.steps,
             "tokens_generated": counters.tokens_generated,
-            "prompt_tokens_computed": counters.prompt_tokens_computed,
+            "tokens_computed": counters.tokens_computed,
             "requests_finished": dict(counters.finished),
             "max_batch_size": counters.max_batch_size,
             "batch_size_histogram": {str(k): v for k, v in sorted(counters.batch_size_histogram.items())},

@@ -64,6 +64,6 @@ def generate(engine: Engine, prompts: list[str] | list[list[int]],
     """Generate for every prompt through the engine's batcher; results in prompt order."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     handles = [engine.submit(prompt, p) for prompt, p in zip(prompts, per_prompt)]
-    if engine._thread is None:
+    if not engine.is_running:
         engine.run_until_idle()
     return [handle.result() for handle in handles]
