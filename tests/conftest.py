@@ -1,9 +1,18 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Without a GPU, Triton kernels run under the CPU interpreter. The flag is read when a kernel is
+# decorated (when kernels.triton_* is imported), so it is set before any test module loads.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
