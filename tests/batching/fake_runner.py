@@ -32,9 +32,9 @@ class ScriptedRunner:
         return torch.stack(rows)
 
 
-def scripted_engine(tokenizer, eos_token_ids, strategy="rolling") -> tuple[Engine, ScriptedRunner]:
+def scripted_engine(tokenizer, eos_token_ids, strategy="rolling", job_queue_size=1000) -> tuple[Engine, ScriptedRunner]:
     runner = ScriptedRunner(tokenizer, eos_token_ids)
     block_size = 256 if strategy != "paged" else 8
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=256,
                              num_blocks=4096 // block_size, block_size=block_size)
-    return Engine(runner, batcher_class(strategy)(config)), runner
+    return Engine(runner, batcher_class(strategy)(config), job_queue_size=job_queue_size), runner

@@ -158,3 +158,18 @@ def test_engine_thread_serves_submissions_and_stays_healthy(tokenizer):
     finally:
         engine.shutdown()
     assert not engine.is_healthy
+
+
+def test_full_queue_refuses_with_503_until_a_request_finishes(tokenizer):
+    from djl_like.errors import ServiceUnavailableError
+
+    engine, runner = scripted_engine(tokenizer, {tokenizer.eos_token_id}, job_queue_size=2)
+    runner.script("q", tokenizer.encode("ok"))
+    first = engine.submit("q", GenerationParams(max_new_tokens=1))
+    engine.submit("q", GenerationParams(max_new_tokens=1))
+    with pytest.raises(ServiceUnavailableError) as refused:
+        engine.submit("q", GenerationParams(max_new_tokens=1))
+    assert refused.value.status == 503 and "2 requests" in refused.value.message
+    engine.run_until_idle()
+    assert list(first.outputs(timeout=0))[-1].finish_reason is FinishReason.LENGTH
+    engine.submit("q", GenerationParams(max_new_tokens=1))  # room again
