@@ -113,3 +113,24 @@ def test_gpt2_style_model_matches_generate(tiny_gpt2):
     max_new = [7, 20, 3, 15]
     outputs = run_staggered(engine, prompts, max_new, arrivals=[0, 0, 2, 5])
     assert_matches_generate(tiny_gpt2, prompts, max_new, outputs)
+
+
+def test_triton_backend_in_the_engine_matches_generate(tiny_llama):
+    """The CUDA path (Triton K/V write + split-K decode) wired into the real engine, run on CPU
+    under the Triton interpreter (tests/conftest.py sets it when there is no GPU)."""
+    import os
+
+    from kernels.attention import TritonBackend
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (no GPU here) or a GPU run of the kernel tests")
+    engine = make_engine(tiny_llama, "paged", max_rolling_batch_size=3, max_rolling_batch_prefill_tokens=16,
+                         max_model_len=128, max_kv_cache_tokens=512, block_size=4)
+    reference_backend, engine.runner.backend = engine.runner.backend, TritonBackend()
+    try:
+        prompts = random_prompts(engine.tokenizer, 3, seed=7, min_words=2, max_words=6)
+        max_new = [4, 6, 3]
+        outputs = run_staggered(engine, prompts, max_new, arrivals=[0, 0, 2])
+    finally:
+        engine.runner.backend = reference_backend  # the runner is shared by the other tests
+    assert_matches_generate(tiny_llama, prompts, max_new, outputs)
