@@ -159,9 +159,21 @@ class Batcher(ABC):
         seq.status = SequenceStatus.RUNNING
 
     # ---- statistics ----------------------------------------------------------------------
+    def kv_tokens_held(self) -> int:
+        """Cache slots holding a computed token; a block shared through the prefix cache counts
+        once. Called from HTTP threads too, hence the copies of the engine-owned lists."""
+        block_size = self.block_manager.block_size
+        filled: dict[int, int] = {}
+        for seq in list(self.running):
+            computed = seq.num_computed_tokens
+            for index, block in enumerate(list(seq.block_table)):
+                in_block = max(0, min(block_size, computed - index * block_size))
+                filled[block] = max(filled.get(block, 0), in_block)
+        return sum(filled.values())
+
     def stats(self) -> dict:
         manager = self.block_manager
-        tokens_held = sum(seq.num_computed_tokens for seq in self.running)
+        tokens_held = self.kv_tokens_held()
         reserved = manager.num_used_blocks * manager.block_size
         return {
             "strategy": self.name,

@@ -190,3 +190,19 @@ def test_kv_waste_is_reported_per_strategy():
         step(batcher)
     assert rolling.stats()["kv_waste"] == pytest.approx(1 - 10 / 64)
     assert paged.stats()["kv_waste"] == pytest.approx(1 - 10 / 16)
+
+
+def test_kv_waste_counts_a_shared_prefix_block_once():
+    batcher = make("paged", block_size=4, capacity=64, prefix=True)
+    first = seq(13, max_new=5)
+    batcher.add(first)
+    step(batcher)
+    second = seq(13, max_new=5)
+    batcher.add(second)
+    step(batcher)
+    stats = batcher.stats()
+    # 3 shared full blocks (12 tokens) + a tail block each: first holds tokens 12-13 (it has
+    # decoded once), second holds token 12 (its only uncached prompt token).
+    assert stats["kv_tokens_in_use"] == 12 + 2 + 1
+    assert stats["kv_tokens_reserved"] == 5 * 4
+    assert 0.0 <= stats["kv_waste"] == pytest.approx(1 - 15 / 20)
