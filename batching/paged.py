@@ -23,7 +23,9 @@ class PagedBatcher(RollingBatcher):
             seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * manager.block_size
         num_new = min(seq.num_uncomputed_tokens, budget)
         needed = manager.blocks_needed(seq.block_table, seq.num_computed_tokens + num_new)
-        if not manager.can_allocate(needed):
+        # NOTE: keep one free block per running sequence: admitting into the last free blocks
+        # only gets the newcomer preempted (its prefill wasted) as soon as the others grow.
+        if not manager.can_allocate(needed + len(self.running)):
             manager.free(seq.block_table)
             seq.num_computed_tokens = seq.num_cached_tokens = 0
             return None

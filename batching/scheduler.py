@@ -120,6 +120,8 @@ class Batcher(ABC):
         """Pick this step's sequences and the number of new tokens each computes."""
         output = self._schedule()
         output.scheduled.sort(key=lambda item: item.num_new_tokens > 1)
+        for item in output.scheduled:
+            item.seq.num_in_flight_tokens = item.num_new_tokens
         self.last_batch_size = len(output.scheduled)
         return output
 
@@ -131,6 +133,7 @@ class Batcher(ABC):
             seq = item.seq
             samples = item.samples
             seq.num_computed_tokens += item.num_new_tokens
+            seq.num_in_flight_tokens = 0
             if self.block_manager.enable_prefix_caching:
                 self.block_manager.register_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
             if samples:
@@ -160,12 +163,13 @@ class Batcher(ABC):
 
     # ---- statistics ----------------------------------------------------------------------
     def kv_tokens_held(self) -> int:
-        """Cache slots holding a computed token; a block shared through the prefix cache counts
-        once. Called from HTTP threads too, hence the copies of the engine-owned lists."""
+        """Cache slots holding a token, or being written by the step now running; a block shared
+        through the prefix cache counts once. Called from HTTP threads too (mostly while a step
+        runs), hence the copies of the engine-owned lists."""
         block_size = self.block_manager.block_size
         filled: dict[int, int] = {}
         for seq in list(self.running):
-            computed = seq.num_computed_tokens
+            computed = seq.num_computed_tokens + seq.num_in_flight_tokens
             for index, block in enumerate(list(seq.block_table)):
                 in_block = max(0, min(block_size, computed - index * block_size))
                 filled[block] = max(filled.get(block, 0), in_block)

@@ -32,6 +32,7 @@ class Sequence:
     token_ids: list[int] = field(init=False)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_in_flight_tokens: int = 0  # scheduled in the step now running (their K/V is being written)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -206,3 +206,18 @@ def test_kv_waste_counts_a_shared_prefix_block_once():
     assert stats["kv_tokens_in_use"] == 12 + 2 + 1
     assert stats["kv_tokens_reserved"] == 5 * 4
     assert 0.0 <= stats["kv_waste"] == pytest.approx(1 - 15 / 20)
+
+
+def test_paged_admission_keeps_a_free_block_per_running_sequence():
+    batcher = make("paged", block_size=4, capacity=20, max_model_len=20, budget=64)  # 5 blocks
+    running = seq(4, max_new=10)
+    batcher.add(running)
+    step(batcher)  # 4 prompt tokens computed; its first decode takes a 2nd block next step
+    fits = seq(8, max_new=1, first_token=40)  # 2 blocks + 1 of headroom for `running` = the 3 free
+    batcher.add(fits)
+    assert any(item.seq is fits for item in step(batcher).scheduled)
+    batcher.finish(fits, FinishReason.ABORT)
+    too_big = seq(12, max_new=1, first_token=60)  # 3 blocks would leave `running` no room to grow
+    batcher.add(too_big)
+    assert all(item.seq is not too_big for item in step(batcher).scheduled)
+    assert too_big in batcher.waiting
