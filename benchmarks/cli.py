@@ -1,0 +1,136 @@
+"""``lmi-bench``: benchmark a running server (``run``), compare batching strategies (``compare``),
+or draw the figures of a saved comparison (``plot``)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from benchmarks import compare as comparison
+from benchmarks import loadgen
+from benchmarks.peers import PEERS
+from benchmarks.workloads import WORKLOADS, build_workload
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="seed")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every output length by this (for example 0.25 on a CPU)")
+    parser.add_argument("--num-requests", type=int, help="total requests (default: the workload's)")
+    parser.add_argument("--concurrency", type=int, help="concurrent clients (default: the workload's)")
+    parser.add_argument("--request-rate", type=float,
+                        help="Poisson arrivals at this many requests/s (at most --concurrency in flight) "
+                             "instead of a closed loop")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
+    parser.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="non-streaming requests (no TTFT, TPOT or ITL)")
+    parser.add_argument("--out", help="write the JSON result here")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmi-bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="benchmark a server that is already running")
+    run.add_argument("--url", default="http://127.0.0.1:8080")
+    run.add_argument("--tokenizer", help="model folder whose tokenizer sizes prompts exactly (optional)")
+    run.add_argument("--save-requests", action="store_true", help="keep per-request records in --out")
+    _add_workload_arguments(run)
+
+    cmp = commands.add_parser("compare", help="start a server per strategy and compare them on one workload")
+    cmp.add_argument("--model", help="model folder (default: the embedded default model)")
+    cmp.add_argument("--strategies", default=",".join(comparison.DEFAULT_STRATEGIES),
+                     help=f"comma-separated, from: {', '.join(comparison.STRATEGIES)}")
+    cmp.add_argument("--peers", default="", help=f"comma-separated offline peers, from: {', '.join(PEERS)}")
+    cmp.add_argument("--peer-max-requests", type=int,
+                     help="run hf-generate-loop on only the first N requests (it is sequential and slow)")
+    cmp.add_argument("--dynamic-batch-size", type=int, help="batch_size of dynamic batching (default: concurrency)")
+    cmp.add_argument("--max-batch-delay", type=int, default=100, help="max_batch_delay of dynamic batching (ms)")
+    cmp.add_argument("--repeat", type=int, default=1,
+                     help="run every strategy this many times (interleaved) and report the fastest run")
+    cmp.add_argument("--torch-threads", type=int,
+                     help="CPU threads of every server and offline peer (default: torch's, all cores)")
+    cmp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    cmp.add_argument("--log-dir", help="keep the servers' logs here")
+    cmp.add_argument("--figures", help="also save the figures into this folder")
+    cmp.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    _add_workload_arguments(cmp)
+
+    plot = commands.add_parser("plot", help="draw the figures of a saved comparison")
+    plot.add_argument("results", help="a JSON file written by `lmi-bench compare --out`")
+    plot.add_argument("--figures", required=True, help="folder for the PNG files")
+    return parser
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    tokenizer = comparison.load_tokenizer(args.tokenizer) if args.tokenizer else None
+    workload = build_workload(args.workload, num_requests=args.num_requests, scale=args.scale,
+                              concurrency=args.concurrency, seed=args.seed, tokenizer=tokenizer)
+    summary = loadgen.benchmark(args.url, workload.requests, concurrency=workload.concurrency,
+                                request_rate=args.request_rate, stream=args.stream, seed=args.seed,
+                                progress=args.progress, description=workload.name, keep_requests=args.save_requests)
+    summary["workload"] = {**workload.describe(), "scale": args.scale, "seed": args.seed}
+    summary["command"] = comparison.command_line(args.argv)
+    print(loadgen.format_report(summary, f"{workload.name} @ {args.url}"))
+    if args.out:
+        comparison.save_results(summary, args.out)
+    return 1 if summary["failed"] else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    settings = comparison.CompareSettings(
+        strategies=_split(args.strategies), peers=_split(args.peers), peer_max_requests=args.peer_max_requests,
+        dynamic_batch_size=args.dynamic_batch_size, max_batch_delay_ms=args.max_batch_delay, dtype=args.dtype,
+        request_rate=args.request_rate, repeat=args.repeat, torch_threads=args.torch_threads, stream=args.stream, progress=args.progress,
+        log_dir=args.log_dir)
+    unknown = [name for name in settings.strategies if name not in comparison.STRATEGIES]
+    unknown += [name for name in settings.peers if name not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown strategies or peers: {', '.join(unknown)}")
+    results = comparison.compare(args.model, args.workload, scale=args.scale, num_requests=args.num_requests,
+                                 concurrency=args.concurrency, seed=args.seed, settings=settings,
+                                 command=comparison.command_line(args.argv))
+    print(comparison.format_table(results, markdown=args.markdown))
+    if args.out:
+        comparison.save_results(results, args.out)
+    if args.figures:
+        from benchmarks import plots
+
+        for path in plots.save_figures(results, args.figures):
+            print(f"wrote {path}")
+    failed = sum(run["failed"] for row in results["rows"] for run in row.get("repeats") or [row["metrics"]])
+    return 1 if failed else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from benchmarks import plots
+
+    for path in plots.save_figures(comparison.load_results(args.results), args.figures):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the result, so every figure carries its exact command
+    handlers = {"run": cmd_run, "compare": cmd_compare, "plot": cmd_plot}
+    # A terminated comparison still stops the servers it started (their `finally` blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return handlers[args.command](args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"lmi-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
