@@ -54,7 +54,3 @@ class PagedBatcher(RollingBatcher):
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
-
-    def _reservation_tokens(self, seq: Sequence) -> int:
-        # Only used to refuse requests that could never fit, even alone in the cache.
-        return seq.max_total_tokens
