@@ -131,11 +131,13 @@ class Engine:
         self._wakeup.set()
         return handle
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; safe from any thread. ``add_special_tokens=False`` for text a
+        chat template rendered (it wrote BOS itself)."""
         # NOTE: HTTP threads encode while the engine thread decodes; the Rust tokenizer can raise
         # "Already borrowed" under concurrent use, so calls are serialised (they take microseconds).
         with self._tokenizer_lock:
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

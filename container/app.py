@@ -8,7 +8,6 @@ sequences are aborted and their KV cache freed at once).
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import select
@@ -84,7 +83,7 @@ class EngineLoader:
         started = time.monotonic()
         try:
             engine = self._factory(self.config, self.model_path)
-            self._chat_prompts = ChatPrompts(engine.tokenizer)
+            self._chat_prompts = ChatPrompts(engine)
             engine.start()
             self._engine = engine
             logger.info("model %s loaded in %.1f s (%s batching)", self.model_path,
@@ -141,24 +140,21 @@ def _engine_failure(engine: Engine) -> str:
 class ChatPrompts:
     """Renders OpenAI chat messages into prompt token ids with the model's chat template.
 
-    NOTE: it owns a copy of the tokenizer, used under its own lock: HTTP threads render while
-    the engine thread decodes with the engine's tokenizer, and a Rust tokenizer refuses
-    concurrent use ("Already borrowed").
+    Rendering is plain Jinja; encoding goes through ``Engine.encode``, which serialises use of
+    the tokenizer shared with the engine thread.
     """
 
-    def __init__(self, tokenizer):
-        self._tokenizer = copy.deepcopy(tokenizer)
-        self._lock = threading.Lock()
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._tokenizer = engine.tokenizer
 
     def token_ids(self, messages: tuple[dict, ...]) -> list[int]:
         """Raises ``BadRequestError`` when the model has no template or it refuses the messages."""
         if not getattr(self._tokenizer, "chat_template", None):
             raise BadRequestError("messages: this model has no chat template; send 'inputs'")
-        with self._lock:
-            text = self._render(messages)
-            # NOTE: the template writes the special tokens itself (BOS ...); encoding with them
-            # would add a second BOS.
-            return self._tokenizer.encode(text, add_special_tokens=False)
+        # NOTE: the template writes the special tokens itself (BOS ...); encoding with them
+        # would add a second BOS.
+        return self._engine.encode(self._render(messages), add_special_tokens=False)
 
     def _render(self, messages: tuple[dict, ...]) -> str:
         try:
