@@ -153,14 +153,19 @@ def test_paged_preempts_the_newest_sequence_and_requeues_it_first():
     assert batcher.block_manager.num_free_blocks == 4
 
 
-def test_paged_prefix_cache_skips_computed_blocks():
+def admit_two_sharing_a_prompt(max_new):
+    """A prefix-caching paged batcher (4-token blocks) where a second 13-token prompt arrives one
+    step after an identical first one; returns (batcher, second, the second step's output)."""
     batcher = make("paged", block_size=4, capacity=64, prefix=True)
-    first = seq(13, max_new=1)
-    batcher.add(first)
+    batcher.add(seq(13, max_new=max_new))
     step(batcher)
-    second = seq(13, max_new=1)
+    second = seq(13, max_new=max_new)
     batcher.add(second)
-    out = step(batcher)
+    return batcher, second, step(batcher)
+
+
+def test_paged_prefix_cache_skips_computed_blocks():
+    batcher, second, out = admit_two_sharing_a_prompt(max_new=1)
     assert second.num_cached_tokens == 12
     assert out.scheduled[0].num_new_tokens == 1
 
@@ -193,13 +198,7 @@ def test_kv_waste_is_reported_per_strategy():
 
 
 def test_kv_waste_counts_a_shared_prefix_block_once():
-    batcher = make("paged", block_size=4, capacity=64, prefix=True)
-    first = seq(13, max_new=5)
-    batcher.add(first)
-    step(batcher)
-    second = seq(13, max_new=5)
-    batcher.add(second)
-    step(batcher)
+    batcher, _, _ = admit_two_sharing_a_prompt(max_new=5)
     stats = batcher.stats()
     # 3 shared full blocks (12 tokens) + a tail block each: first holds tokens 12-13 (it has
     # decoded once), second holds token 12 (its only uncached prompt token).
