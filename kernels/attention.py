@@ -2,20 +2,38 @@
 
 Registered with transformers' ``AttentionInterface`` under ``ATTENTION_NAME``. Every layer call
 writes the new K/V into the block-table cache through ``slot_mapping`` and attends each sequence's
-new queries to its whole cached context. Per-step state travels in an explicit
-``AttentionMetadata`` passed as a keyword argument of ``model(...)``; transformers hands extra
-keyword arguments to this function unchanged.
+new queries to its cached context, honouring what the layer asks for (``scaling``,
+``sliding_window``, ``softcap``, attention sinks). Anything else a model hands over that would
+change the result is refused with ``UnsupportedAttention``, never ignored.
+
+Per-step state travels in an explicit ``AttentionMetadata`` that the model runner installs with
+``step_context(...)`` around its forward call. NOTE: a context rather than a keyword argument of
+``model(...)``: some decoder layers do not forward keyword arguments to their attention module,
+and the metadata must reach every layer of every model.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from kernels import reference
+from kernels.reference import AttentionParams
 
 ATTENTION_NAME = "lmi_paged"
+
+# Keyword arguments transformers' modeling code hands the attention function that do not change
+# the result for a decoder in eval mode with this engine's inputs.
+_NEUTRAL_KWARGS = frozenset({"dropout", "position_ids", "use_cache", "output_router_logits", "output_attentions",
+                             "cache_position", "past_key_values", "past_key_value", "return_dict", "token_type_ids"})
+_HONOURED_KWARGS = frozenset({"sliding_window", "softcap", "s_aux", "sinks"})
+
+
+class UnsupportedAttention(ValueError):
+    """A model asks its attention function for something this engine does not compute."""
 
 
 @dataclass
@@ -31,9 +49,10 @@ class AttentionMetadata:
     cu_seqlens_q: list[int]  # [B + 1] query offsets into the packed tokens (host side)
     context_lens_host: list[int]  # same as context_lens, host side
     num_decodes: int  # the first num_decodes sequences have exactly one new token
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [num_blocks, block_size, Hkv, D]
-    backend: "AttentionBackend"
-    # Backend-private tensors derived once per step (for example gather indices).
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # by layer_idx: k, v [num_blocks, block_size, Hkv, D]
+    backend: "TorchBackend"
+    # Backend-private tensors derived once per step and shared by the layers (gather indices
+    # per sliding window).
     prepared: dict = field(default_factory=dict)
 
     @property
@@ -41,92 +60,173 @@ class AttentionMetadata:
         return self.cu_seqlens_q[self.num_decodes]
 
 
-class AttentionBackend:
-    """Torch reference backend: what CPU runs. Decodes are batched into one gather + SDPA; each
-    prefill chunk attends on its own (a fresh prompt without cached context skips the gather)."""
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one attention layer was seen to compute in the discovery forward."""
+
+    layer_idx: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    sliding_window: int | None
+    softcap: float | None
+    has_sinks: bool
+
+
+class LayerDiscovery:
+    """Per-step state of the discovery forward (``batching.model_check``): records every layer's
+    KV shape and attention parameters, and attends the probe tokens to each other without a
+    cache, so the forward runs to its end."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, LayerSpec] = {}
+        self.problems: list[str] = []
+
+    def attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams):
+        layer_idx = getattr(module, "layer_idx", None)
+        if not isinstance(layer_idx, int):
+            self.problems.append(f"attention module {type(module).__name__} has no integer layer_idx")
+        elif layer_idx in self.layers:
+            self.problems.append(f"layer_idx {layer_idx} computed attention twice in one forward (shared KV)")
+        else:
+            self.layers[layer_idx] = LayerSpec(layer_idx, k.shape[1], k.shape[2], k.dtype, params.sliding_window,
+                                               params.softcap, params.sinks is not None)
+        return reference.attend_one(q, k, v, params)
+
+
+class TorchBackend:
+    """The torch implementation: what CPU runs. Decodes are batched into one gather + SDPA (or
+    explicit scores where softcapping or sinks need them); each prefill chunk attends on its own
+    (a fresh prompt without cached context skips the gather)."""
 
     name = "torch"
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        """Derive gather indices once per step (shared by all layers)."""
-        if meta.num_decodes == 0:
-            return
-        lens = meta.context_lens[: meta.num_decodes].long()
-        positions = torch.arange(int(max(meta.context_lens_host[: meta.num_decodes])), device=lens.device)
-        valid = positions[None, :] < lens[:, None]
-        block_size = meta.kv_caches[0][0].shape[1]
-        tables = meta.block_tables[: meta.num_decodes]
-        meta.prepared["decode_slots"] = reference.context_slots(tables, torch.where(valid, positions, 0), block_size)
-        meta.prepared["decode_valid"] = valid
 
     def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        slots, valid = meta.prepared["decode_slots"], meta.prepared["decode_valid"]
-        return reference.decode_from_slots(query, k_cache, v_cache, slots, valid, scale)
+    def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
+        slots, valid = self._decode_slots(meta, params.sliding_window, k_cache.shape[1])
+        return reference.decode_from_slots(query, k_cache, v_cache, slots, valid, params)
 
-    def prefill(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, index: int, scale: float):
+    @staticmethod
+    def _decode_slots(meta: AttentionMetadata, window: int | None, block_size: int):
+        """Gather indices of the decoding sequences' contexts (or windows), once per step and window."""
+        key = ("decode_slots", window, block_size)
+        if key not in meta.prepared:
+            n = meta.num_decodes
+            positions, valid = reference.decode_positions(meta.context_lens[:n], window)
+            meta.prepared[key] = reference.context_slots(meta.block_tables[:n], positions, block_size), valid
+        return meta.prepared[key]
+
+    def prefill(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, index: int,
+                params: AttentionParams) -> torch.Tensor:
         """Sequence ``index``'s chunk: query/key/value are its new tokens [n, H, D]."""
-        context_len = meta.context_lens_host[index]
-        if context_len == query.shape[0]:  # nothing cached before this chunk
-            return reference.attend_one(query, key, value, scale)
-        block_size = k_cache.shape[1]
-        positions = torch.arange(context_len, device=query.device)
-        slots = reference.context_slots(meta.block_tables[index], positions, block_size)
+        context_len, num_queries = meta.context_lens_host[index], query.shape[0]
+        start = reference.first_key_position(context_len, num_queries, params.sliding_window)
+        if start >= context_len - num_queries:  # every key it needs is among the new tokens
+            new_start = start - (context_len - num_queries)
+            return reference.attend_one(query, key[new_start:], value[new_start:], params, key_start=start)
+        positions = torch.arange(start, context_len, device=query.device)
+        slots = reference.context_slots(meta.block_tables[index], positions, k_cache.shape[1])
         return reference.attend_one(query, reference.gather_context(k_cache, slots),
-                                    reference.gather_context(v_cache, slots), scale)
+                                    reference.gather_context(v_cache, slots), params, key_start=start)
 
 
-class TritonBackend(AttentionBackend):
-    """CUDA: Triton K/V write and split-K paged decode; prefill stays gather + SDPA."""
+class TritonBackend(TorchBackend):
+    """CUDA: Triton K/V write and split-K paged decode; prefill is the torch gather + SDPA."""
 
     name = "triton"
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        pass
 
     def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         from kernels import triton_write_kv
 
         triton_write_kv.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         from kernels import triton_decode
 
         n = meta.num_decodes
         return triton_decode.paged_decode_attention(
-            query, k_cache, v_cache, meta.block_tables[:n], meta.context_lens[:n], scale)
+            query, k_cache, v_cache, meta.block_tables[:n], meta.context_lens[:n], params.scale,
+            sliding_window=params.sliding_window, softcap=params.softcap, sinks=params.sinks)
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
-    """The one place that picks kernels: Triton on CUDA, the torch reference elsewhere."""
+def select_backend(device: torch.device) -> TorchBackend:
+    """The one place that picks kernels: Triton on CUDA, the torch implementation elsewhere."""
     if device.type == "cuda":
         return TritonBackend()
-    return AttentionBackend()
+    return TorchBackend()
 
 
-def lmi_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                  attn_metadata: AttentionMetadata | None = None, **kwargs):
+# ---- the per-step context ------------------------------------------------------------------
+_active = threading.local()
+
+
+@contextmanager
+def step_context(step: AttentionMetadata | LayerDiscovery):
+    """Make ``step`` the state every attention layer of the forward inside reads. Refuses nesting."""
+    if getattr(_active, "step", None) is not None:
+        raise RuntimeError("an attention step is already active on this thread")
+    _active.step = step
+    try:
+        yield step
+    finally:
+        _active.step = None
+
+
+def layer_params(module, query: torch.Tensor, attention_mask, scaling, kwargs: dict) -> AttentionParams:
+    """The layer's attention parameters; raises ``UnsupportedAttention`` for anything that would
+    change the result and that this engine does not compute."""
+    if attention_mask is not None:
+        raise UnsupportedAttention("the model passes its own attention mask or bias (for example ALiBi), "
+                                   "which this engine does not apply")
+    for name, value in kwargs.items():
+        if name in _HONOURED_KWARGS or name in _NEUTRAL_KWARGS or value is None:
+            continue
+        if name == "is_causal" and value:
+            continue
+        raise UnsupportedAttention(f"the model's attention passes {name}={_describe(value)}, which this engine "
+                                   "does not implement")
+    window = kwargs.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise UnsupportedAttention(f"sliding_window={window!r} is not a positive number of tokens")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    softcap = kwargs.get("softcap") or None
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    return AttentionParams(scale, window, float(softcap) if softcap else None, sinks)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    return repr(value)[:60]
+
+
+def lmi_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: query [1, Hq, T, D], key/value [1, Hkv, T, D] (new tokens
     only) -> ([1, T, Hq, D], None)."""
-    if attn_metadata is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention needs attn_metadata; the model runner passes it")
-    meta = attn_metadata
+    step = getattr(_active, "step", None)
+    if step is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the model runner's step_context")
+    params = layer_params(module, query, attention_mask, scaling, kwargs)
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1)  # [T, Hkv, D]
     v = value[0].transpose(0, 1)
+    if isinstance(step, LayerDiscovery):
+        return step.attend(module, q, k, v, params).unsqueeze(0), None
+    meta = step
     k_cache, v_cache = meta.kv_caches[module.layer_idx]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     meta.backend.write(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     split = meta.num_decode_tokens
     if meta.num_decodes:
-        out[:split] = meta.backend.decode(q[:split], k_cache, v_cache, meta, scale)
+        out[:split] = meta.backend.decode(q[:split], k_cache, v_cache, meta, params)
     cu = meta.cu_seqlens_q
     for i in range(meta.num_decodes, len(cu) - 1):
         rows = slice(cu[i], cu[i + 1])
-        out[rows] = meta.backend.prefill(q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, scale)
+        out[rows] = meta.backend.prefill(q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, params)
     return out.unsqueeze(0), None
 
 

@@ -1,15 +1,38 @@
-"""Readable torch implementations of the KV-cache kernels. CPU runs these; Triton kernels are
-tested against them.
+"""The torch implementations of the KV-cache kernels: what CPU serves with, and what the Triton
+kernels are tested against.
 
 Cache layout, one pair per layer: ``k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]``.
 A token at position ``pos`` of a sequence lives in slot
 ``block_table[pos // block_size] * block_size + pos % block_size`` of the flattened cache.
+
+Attention follows what transformers hands an attention function (``AttentionParams``): the
+softmax scale, a sliding window, logit softcapping and per-head attention sinks, with the same
+semantics as transformers' eager implementations (a window of ``W`` lets a query at position
+``p`` see keys ``p - W < k <= p``; softcapping is applied to the scaled scores before masking;
+a sink is an extra logit per head that joins the softmax's denominator and has no value).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """What one attention layer asks for. ``sinks``: [Hq] logits, or None."""
+
+    scale: float
+    sliding_window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @property
+    def needs_scores(self) -> bool:
+        """True when SDPA cannot express the layer (softcapping or sinks change the softmax)."""
+        return self.softcap is not None or self.sinks is not None
 
 
 def write_kv(
@@ -47,47 +70,88 @@ def gather_context(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return rows.view(*slots.shape, num_kv_heads, head_dim)
 
 
-def paged_attention_varlen(
+def first_key_position(context_len: int, num_queries: int, sliding_window: int | None) -> int:
+    """The earliest key any of the last ``num_queries`` positions of a context attends to."""
+    if sliding_window is None:
+        return 0
+    return max(0, context_len - num_queries - sliding_window + 1)
+
+
+def decode_positions(context_lens: torch.Tensor, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions [B, L] each decoding sequence attends to (its window, or its whole context)
+    and their validity [B, L]; invalid entries point at position 0. ``context_lens`` [B] include
+    the new token."""
+    lens = context_lens.long()
+    longest = int(lens.max()) if lens.numel() else 0
+    width = longest if sliding_window is None else min(longest, sliding_window)
+    start = (lens - width).clamp(min=0) if sliding_window is not None else torch.zeros_like(lens)
+    positions = start[:, None] + torch.arange(width, device=lens.device)[None, :]
+    valid = positions < lens[:, None]
+    return torch.where(valid, positions, 0), valid
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+              params: AttentionParams, is_causal: bool = False) -> torch.Tensor:
+    """query [B, Hq, n, D], key/value [B, Hkv, L, D], mask [B or 1, 1, n, L] (True = attend) or
+    None -> [B, Hq, n, D]. SDPA when it can express the layer, explicit scores otherwise."""
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    if not params.needs_scores:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                              scale=params.scale, enable_gqa=True)
+    batch, num_heads, num_queries, head_dim = query.shape
+    num_kv_heads, num_keys = key.shape[1], key.shape[2]
+    # Group the query heads of each KV head so K/V are never expanded per query head.
+    grouped = query.float().reshape(batch, num_kv_heads, -1, head_dim)  # [B, Hkv, G * n, D]
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).view(batch, num_heads, num_queries, num_keys)
+    scores = scores * params.scale
+    if params.softcap is not None:
+        scores = torch.tanh(scores / params.softcap) * params.softcap
+    if is_causal:
+        mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device).tril(num_keys - num_queries)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if params.sinks is not None:
+        sinks = params.sinks.float().view(1, num_heads, 1, 1).expand(batch, num_heads, num_queries, 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.reshape(batch, num_kv_heads, -1, num_keys), value.float())
+    return out.view(batch, num_heads, num_queries, head_dim).to(query.dtype)
+
+
+def attend_one(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: AttentionParams,
+               key_start: int = 0) -> torch.Tensor:
+    """One sequence: query [n, Hq, D] are the last n positions of a context whose keys/values
+    [c, Hkv, D] hold positions ``key_start .. key_start + c - 1``. Returns [n, Hq, D]."""
+    num_queries, num_keys = query.shape[0], key.shape[0]
+    context_len = key_start + num_keys
+    q = query.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    k = key.transpose(0, 1).unsqueeze(0)  # [1, Hkv, c, D]
+    v = value.transpose(0, 1).unsqueeze(0)
+    window = params.sliding_window
+    if key_start == 0 and num_queries == num_keys and (window is None or window >= num_keys):
+        return attention(q, k, v, None, params, is_causal=num_queries > 1)[0].transpose(0, 1)
+    query_pos = torch.arange(context_len - num_queries, context_len, device=query.device)[:, None]
+    key_pos = torch.arange(key_start, context_len, device=query.device)[None, :]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return attention(q, k, v, mask[None, None], params)[0].transpose(0, 1)
+
+
+def decode_from_slots(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    params: AttentionParams,
 ) -> torch.Tensor:
-    """Attention of packed variable-length queries over a block-table cache.
-
-    query: [T, Hq, D], the new tokens of B sequences concatenated (sequence i owns rows
-    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``); context_lens: [B], each sequence's length *including*
-    its new tokens, whose K/V must already be in the cache. The new tokens are the last ones of
-    the context, and attend causally. Returns [T, Hq, D].
-    """
-    block_size = k_cache.shape[1]
-    out = torch.empty_like(query)
-    for i in range(block_tables.shape[0]):
-        start, end = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
-        context_len = int(context_lens[i])
-        positions = torch.arange(context_len, device=query.device)
-        slots = context_slots(block_tables[i], positions, block_size)
-        out[start:end] = attend_one(query[start:end], gather_context(k_cache, slots),
-                                    gather_context(v_cache, slots), scale)
-    return out
-
-
-def attend_one(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """One sequence: query [n, Hq, D] are the last n of the context key/value [c, Hkv, D]."""
-    num_queries, context_len = query.shape[0], key.shape[0]
-    q = query.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-    k = key.to(query.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, c, D]
-    v = value.to(query.dtype).transpose(0, 1).unsqueeze(0)
-    if num_queries == context_len:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=num_queries > 1, scale=scale, enable_gqa=True)
-    else:
-        query_pos = torch.arange(context_len - num_queries, context_len, device=query.device)
-        mask = torch.arange(context_len, device=query.device)[None, :] <= query_pos[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
+    """Decode attention given the context slots [B, L] each query attends to and their validity
+    mask [B, L]: query [B, Hq, D] -> [B, Hq, D]."""
+    k = gather_context(k_cache, slots).transpose(1, 2)  # [B, Hkv, L, D]
+    v = gather_context(v_cache, slots).transpose(1, 2)
+    return attention(query.unsqueeze(2), k, v, valid[:, None, None, :], params)[:, :, 0, :]
 
 
 def paged_decode_attention(
@@ -97,31 +161,19 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention, one query token per sequence: query [B, Hq, D] -> [B, Hq, D].
 
-    Gathers every sequence's context padded to the longest one and masks the padding; this is
-    the batched form CPU uses for decode steps and the reference of the Triton decode kernel.
+    Gathers every sequence's context (or its window) padded to the longest one and masks the
+    padding; this is the batched form CPU uses for decode steps and the reference of the Triton
+    decode kernel, whose signature it shares.
     """
     block_size = k_cache.shape[1]
-    max_len = int(context_lens.max())
-    positions = torch.arange(max_len, device=query.device)
-    valid = positions[None, :] < context_lens[:, None].to(query.device)  # [B, L]
-    slots = context_slots(block_tables, torch.where(valid, positions, 0), block_size)
-    return decode_from_slots(query, k_cache, v_cache, slots, valid, scale)
-
-
-def decode_from_slots(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    valid: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Decode attention given precomputed context slots [B, L] and their validity mask [B, L]."""
-    k = gather_context(k_cache, slots).to(query.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-    v = gather_context(v_cache, slots).to(query.dtype).transpose(1, 2)
-    q = query.unsqueeze(2)  # [B, Hq, 1, D]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)
-    return out[:, :, 0, :]
+    positions, valid = decode_positions(context_lens.to(query.device), sliding_window)
+    slots = context_slots(block_tables, positions, block_size)
+    params = AttentionParams(scale, sliding_window, softcap, sinks)
+    return decode_from_slots(query, k_cache, v_cache, slots, valid, params)

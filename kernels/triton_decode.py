@@ -10,8 +10,14 @@ Same contract as ``kernels.reference.paged_decode_attention``. Two kernels:
    log-sum-exp per split, or, with one split, the final output directly.
 2. ``_merge_splits_kernel``, grid ``(B, Hq)``: combines the splits exactly by their log-sum-exp.
 
-Softmax runs in base 2 (``exp2`` is the fast instruction): scores are multiplied by
-``scale * log2(e)`` and the stored log-sum-exp is in log2 units; both kernels agree on that.
+Softmax runs in base 2 (``exp2`` is the fast instruction): scores are multiplied by ``log2(e)``
+after scaling (and softcapping) and the stored log-sum-exp is in log2 units; both kernels agree.
+
+The layer parameters of ``kernels.reference.AttentionParams`` are honoured: a sliding window
+(the program starts at the first tile of the window, and masks the keys before it), logit
+softcapping (``softcap * tanh(score / softcap)`` on the scaled scores) and attention sinks (one
+extra logit per query head in the softmax's denominator, added once: by the split kernel when
+there is one split, by the merge kernel otherwise).
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ _TILE_ELEMENTS = 4096
 _MAX_TILE = 64
 
 
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): exact limits +-1 when e^2x overflows to inf or underflows to 0.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
 @triton.jit
 def _decode_split_kernel(
     query_ptr,  # [B, Hq, D]
@@ -47,7 +62,10 @@ def _decode_split_kernel(
     context_lens_ptr,  # [B]
     out_ptr,  # [B, Hq, num_splits, D] fp32 partials, or the final [B, Hq, D] when num_splits == 1
     lse_ptr,  # [B, Hq, num_splits] fp32, log2 units; untouched unless STORE_LSE
-    scale_log2,  # softmax scale * log2(e)
+    sinks_ptr,  # [Hq] sink logits; read only when HAS_SINKS
+    scale,  # softmax scale
+    sliding_window,  # keys within this many positions of the query (itself included); 0: no window
+    softcap,  # logit softcap; read only when USE_SOFTCAP
     group_size, head_dim, block_size,
     stride_q_batch, stride_q_head,
     stride_k_block, stride_k_slot, stride_k_head,
@@ -60,6 +78,8 @@ def _decode_split_kernel(
     TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 caches; "tf32" is exact for fp16/bf16 inputs
     STORE_LSE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -76,13 +96,16 @@ def _decode_split_kernel(
     q_ptrs = query_ptr + seq * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptrs, mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
 
-    # This split's contiguous share of the sequence's tiles; trailing splits of short sequences
-    # get none and store an empty result (l = 0, lse = -inf) that the merge weighs as 0.
+    # This split's contiguous share of the tiles holding the sequence's context (or its window);
+    # trailing splits of short sequences get none and store an empty result (l = 0, lse = -inf)
+    # that the merge weighs as 0.
     context_len = tl.load(context_lens_ptr + seq)
-    num_tiles = tl.cdiv(context_len, TILE)
+    context_start = tl.where(sliding_window > 0, tl.maximum(context_len - sliding_window, 0), 0)
+    first_tile = context_start // TILE
+    num_tiles = tl.cdiv(context_len, TILE) - first_tile
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_start = split * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+    tile_start = first_tile + split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, first_tile + num_tiles)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max score, log2 units
     l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
@@ -90,7 +113,7 @@ def _decode_split_kernel(
     kv_head_offset = kv_head.to(tl.int64)
     for tile in range(tile_start, tile_end):
         positions = tile * TILE + tl.arange(0, TILE)  # [TILE] token positions in the sequence
-        valid = positions < context_len
+        valid = (positions < context_len) & (positions >= context_start)
         blocks = tl.load(block_tables_ptr + seq * stride_bt_batch + (positions // block_size) * stride_bt_block,
                          mask=valid, other=0).to(tl.int64)
         in_block = (positions % block_size).to(tl.int64)
@@ -102,7 +125,10 @@ def _decode_split_kernel(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [TILE, HEAD_DIM_PAD]
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
 
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, TILE]
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [GROUP_PAD, TILE]
+        if USE_SOFTCAP:
+            scores = softcap * _tanh(scores / softcap)
+        scores = scores * LOG2E
         # Every tile in range holds >= 1 valid position, so m_new is finite after the first tile.
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -111,6 +137,13 @@ def _decode_split_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m = m_new
+
+    if HAS_SINKS and not STORE_LSE:  # one split: the sink joins this program's softmax
+        sink = tl.load(sinks_ptr + heads, mask=row_mask, other=0.0).to(tl.float32) * LOG2E
+        m_final = tl.maximum(m, sink)
+        alpha = tl.exp2(m - m_final)
+        l = l * alpha + tl.exp2(sink - m_final)
+        acc = acc * alpha[:, None]
 
     empty = l == 0.0
     out = acc / tl.where(empty, 1.0, l)[:, None]  # empty split (or context_len 0) -> zeros, not NaN
@@ -126,10 +159,12 @@ def _merge_splits_kernel(
     partial_ptr,  # [B, Hq, num_splits, D] fp32, contiguous
     lse_ptr,  # [B, Hq, num_splits] fp32, contiguous, log2 units
     out_ptr,  # [B, Hq, D]
+    sinks_ptr,  # [Hq] sink logits; read only when HAS_SINKS
     num_splits, head_dim,
     stride_o_batch, stride_o_head,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -142,9 +177,15 @@ def _merge_splits_kernel(
 
     lse = tl.load(lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E
+        lse_max = tl.maximum(lse_max, sink)
     # All splits empty (context_len 0): weights are all 0 and the output is 0, not NaN.
-    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # [SPLITS_PAD]
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - lse_ref)  # [SPLITS_PAD]
     total = tl.sum(weights, axis=0)
+    if HAS_SINKS:
+        total += tl.exp2(sink - lse_ref)
     partial_ptrs = partial_ptr + (row * num_splits + splits[:, None]) * head_dim + dims[None, :]
     partial = tl.load(partial_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
     out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
@@ -162,24 +203,33 @@ def paged_decode_attention(
     num_splits: int | None = None,
     *,
     tile_size: int | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged cache: query [B, Hq, D] -> [B, Hq, D] (query's dtype).
 
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] with Hq % Hkv == 0; block_tables:
     [B, max_blocks] int32/int64; context_lens: [B] int32/int64, each <= max_blocks * block_size
     (not checked: that would sync with the GPU). A sequence with context_len 0 gets zeros.
+    sliding_window, softcap, sinks ([Hq]): as in ``kernels.reference.AttentionParams``.
     num_splits: splits of the context per (sequence, KV head); None picks one from the GPU size
     (``choose_num_splits``). tile_size: tokens per inner step (power of two >= 16); None picks one
     from head_dim. Raises ValueError on mismatched shapes, dtypes, strides or devices.
     """
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tile_size)
+    _check_layer_args(query, sliding_window, softcap, sinks)
     batch_size, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(query)
     if batch_size == 0:
         return out
-    # The widest block table bounds every context without reading context_lens back from the GPU.
-    num_splits, tile = launch_config(batch_size, num_kv_heads, head_dim, block_tables.shape[1] * block_size,
+    # The widest block table (or the window) bounds every context without reading context_lens
+    # back from the GPU.
+    max_context_len = block_tables.shape[1] * block_size
+    if sliding_window is not None:
+        max_context_len = min(max_context_len, sliding_window + _MAX_TILE)
+    num_splits, tile = launch_config(batch_size, num_kv_heads, head_dim, max_context_len,
                                      query.device, num_splits, tile_size)
     group_size = num_heads // num_kv_heads
     if num_splits == 1:
@@ -189,9 +239,10 @@ def paged_decode_attention(
         partial = torch.empty(batch_size, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(batch_size, num_heads, num_splits, dtype=torch.float32, device=query.device)
         partial_strides = partial.stride()[:3]
+    sinks_arg = sinks if sinks is not None else query  # a placeholder pointer, never read
     _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, partial, lse,
-        scale * math.log2(math.e),
+        query, k_cache, v_cache, block_tables, context_lens, partial, lse, sinks_arg,
+        scale, sliding_window or 0, softcap or 1.0,
         group_size, head_dim, block_size,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -204,12 +255,15 @@ def paged_decode_attention(
         TILE=tile,
         DOT_PRECISION="ieee" if torch.float32 in (query.dtype, k_cache.dtype) else "tf32",
         STORE_LSE=num_splits > 1,
+        USE_SOFTCAP=softcap is not None,
+        HAS_SINKS=sinks is not None,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch_size, num_heads)](
-            partial, lse, out, num_splits, head_dim, out.stride(0), out.stride(1),
+            partial, lse, out, sinks_arg, num_splits, head_dim, out.stride(0), out.stride(1),
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            HAS_SINKS=sinks is not None,
         )
     return out
 
@@ -241,6 +295,20 @@ def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # the interpreter runs programs one by one: splitting only costs time
     return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_layer_args(query, sliding_window, softcap, sinks) -> None:
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None; got {sliding_window!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0 or not math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a positive finite number or None; got {softcap!r}")
+    if sinks is not None:
+        if sinks.shape != (query.shape[1],):
+            raise ValueError(f"sinks must be [Hq] = [{query.shape[1]}]; got {tuple(sinks.shape)}")
+        check_dtype("sinks", sinks, FLOAT_DTYPES)
+        if not sinks.is_contiguous():
+            raise ValueError("sinks must be contiguous")
+        check_same_device(_decode_split_kernel, query=query, sinks=sinks)
 
 
 def _check_decode_args(query, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tile_size) -> None:

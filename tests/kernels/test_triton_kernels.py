@@ -74,8 +74,9 @@ def _assert_decode_matches_reference(query, k_cache, v_cache, block_tables, cont
     scale = query.shape[-1] ** -0.5
     out = paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale, **kwargs)
     # The reference runs in fp32 on the same (rounded) inputs: the tolerance then bounds our error.
+    layer = {name: kwargs[name] for name in ("sliding_window", "softcap", "sinks") if name in kwargs}
     expected = reference.paged_decode_attention(query.float(), k_cache.float(), v_cache.float(),
-                                                block_tables, context_lens, scale)
+                                                block_tables, context_lens, scale, **layer)
     tol = TOLERANCE[query.dtype]
     assert out.dtype == query.dtype and out.shape == query.shape
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
@@ -141,6 +142,43 @@ def test_decode_zero_length_sequence_is_zero_and_harmless(num_splits):
     expected = reference.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, 0.25)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out[[0, 2]], expected[[0, 2]], atol=1e-5, rtol=1e-5)
+
+
+# Layer parameters transformers hands the attention function: sliding windows shorter and longer
+# than the contexts (and not multiples of the tile), Gemma-2-style softcapping small enough to
+# bend the scores, gpt-oss-style sinks, and all three together.
+LAYER_CASES = [
+    dict(sliding_window=7),
+    dict(sliding_window=20),
+    dict(sliding_window=1),
+    dict(softcap=0.5),
+    dict(sinks=True),
+    dict(sliding_window=11, softcap=2.0, sinks=True),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("layer", LAYER_CASES, ids=lambda case: "-".join(case))
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(6, 2), (17, 1)])
+def test_decode_layer_parameters_match_reference(num_heads, num_kv_heads, layer, num_splits, dtype):
+    generator = torch.Generator().manual_seed(num_heads + len(layer))
+    lens = [40, 1, 17, 33, 0]
+    caches = _random_paged_cache([max(1, n) for n in lens], 5, num_kv_heads, HEAD_DIM, dtype, generator)
+    query = _random_query(len(lens), num_heads, HEAD_DIM, dtype, generator)
+    layer = dict(layer)
+    if layer.get("sinks"):
+        layer["sinks"] = (torch.randn(num_heads, generator=generator) * 2).to(DEVICE)
+    context_lens = torch.tensor(lens, device=DEVICE)
+    scale = HEAD_DIM ** -0.5
+    out = paged_decode_attention(query, *caches, context_lens, scale, num_splits=num_splits, tile_size=16, **layer)
+    expected = reference.paged_decode_attention(query.float(), caches[0].float(), caches[1].float(), caches[2],
+                                                context_lens, scale, **layer)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out[:4].float(), expected[:4], atol=tol, rtol=tol)
+    # A padding row (context 0) is zeros, never NaN, whatever the layer asks for.
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
 
 
 # ---------------------------------------------------------------- K/V slot write
@@ -266,6 +304,9 @@ DECODE_ERRORS = [
     (lambda a: {"num_splits": 0}, "num_splits"),
     (lambda a: {"tile_size": 24}, "tile_size"),
     (lambda a: {"context_lens": a["context_lens"].to("meta")}, "one device"),
+    (lambda a: {"sliding_window": 0}, "sliding_window must be a positive int"),
+    (lambda a: {"softcap": -1.0}, "softcap must be a positive finite number"),
+    (lambda a: {"sinks": torch.zeros(3, device=a["query"].device)}, "sinks must be [Hq] = [4]"),
 ]
 
 
