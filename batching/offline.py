@@ -35,10 +35,7 @@ def create_engine(config: ServingConfig, model_path: str, runner: ModelRunner | 
 
 def size_kv_cache(config: ServingConfig, runner: ModelRunner) -> SchedulerConfig:
     """Turn the one capacity knob (tokens) into blocks for this strategy and allocate them."""
-    max_model_len = config.max_model_len or runner.max_position_embeddings
-    if max_model_len > runner.max_position_embeddings:
-        raise ConfigError(f"option.max_model_len={max_model_len} exceeds the model's "
-                          f"max_position_embeddings ({runner.max_position_embeddings})")
+    max_model_len = resolve_max_model_len(config.max_model_len, runner)
     dynamic = config.strategy is Strategy.DYNAMIC
     max_num_seqs = config.batch_size if dynamic else config.max_rolling_batch_size
     capacity = runner.kv_capacity_tokens(config.max_kv_cache_tokens, config.gpu_memory_utilization,
@@ -57,6 +54,22 @@ def size_kv_cache(config: ServingConfig, runner: ModelRunner) -> SchedulerConfig
         block_size=block_size,
         enable_prefix_caching=config.enable_prefix_caching,
         max_batch_delay_s=config.max_batch_delay_ms / 1000.0)
+
+
+def resolve_max_model_len(requested: int | None, runner: ModelRunner) -> int:
+    """``option.max_model_len``, or the longest length the model serves exactly when unset."""
+    limit = runner.max_position_embeddings
+    if requested is not None and requested > limit:
+        raise ConfigError(f"option.max_model_len={requested} exceeds the model's max_position_embeddings ({limit})")
+    rope_limit = runner.rope_limit
+    if rope_limit is None or rope_limit >= (requested or limit):
+        return requested or limit
+    why = (f"beyond {rope_limit} tokens this model's rotary embedding (dynamic NTK or LongRoPE) is recomputed "
+           "from the longest sequence of a batch, so one request's output would depend on the others")
+    if requested is not None:
+        raise ConfigError(f"option.max_model_len={requested}: {why}; set option.max_model_len <= {rope_limit}")
+    logger.warning("serving at most %d tokens per sequence (option.max_model_len): %s", rope_limit, why)
+    return rope_limit
 
 
 def generate(engine: Engine, prompts: list[str] | list[list[int]],

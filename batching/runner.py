@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from batching import model_check
 from batching.scheduler import SchedulerOutput
 from kernels import attention
+from kernels.attention import LayerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -19,16 +21,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of the KV cache of one model, independent of how it is cut into blocks."""
+    """Shape of the KV cache of one model, per attention layer, independent of how it is cut into
+    blocks. Taken from the layers as they compute (``model_check.discover_layers``)."""
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
+    layers: tuple[LayerSpec, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return sum(2 * layer.num_kv_heads * layer.head_dim * torch.finfo(layer.dtype).bits // 8
+                   for layer in self.layers)
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -48,7 +53,8 @@ def pick_dtype(requested: str, device: torch.device, config) -> torch.dtype:
 
 
 class ModelRunner:
-    """Loads a causal LM once; ``allocate_kv_cache`` then ``execute`` each step."""
+    """Loads a causal LM once and proves it is served exactly (``batching.model_check``: raises
+    ``UnsupportedModelError`` otherwise); then ``allocate_kv_cache`` and ``execute`` each step."""
 
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None,
                  trust_remote_code: bool = False, revision: str | None = None):
@@ -57,6 +63,7 @@ class ModelRunner:
         self.device = pick_device(device)
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
         self.dtype = pick_dtype(dtype, self.device, config)
+        model_check.check_model_class(config)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=attention.register(),
             trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
@@ -65,10 +72,12 @@ class ModelRunner:
             self.generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:
             self.generation_config = GenerationConfig.from_model_config(config)
-        self.layout = kv_layout(self.model.config, self.dtype)
         self.backend = attention.select_backend(self.device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.layout = KVLayout(tuple(model_check.discover_layers(self.model)))
+        self.rope_limit = model_check.static_rope_limit(self.model)
+        model_check.verify(self)
 
     # ---- facts about the model -----------------------------------------------------------
     @property
@@ -100,26 +109,38 @@ class ModelRunner:
         return min(default_cpu, int(host_bytes // 4 // self.layout.bytes_per_token))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        """One (k, v) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]."""
-        layout = self.layout
-        shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=layout.dtype, device=self.device),
-                           torch.zeros(shape, dtype=layout.dtype, device=self.device))
-                          for _ in range(layout.num_layers)]
+        """One (k, v) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim] (each layer
+        with its own KV heads and head size)."""
+        self.release_kv_cache()
+        self.kv_caches = []
+        for layer in self.layout.layers:
+            shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+            self.kv_caches.append((torch.zeros(shape, dtype=layer.dtype, device=self.device),
+                                   torch.zeros(shape, dtype=layer.dtype, device=self.device)))
         self.block_size = block_size
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
-                    num_blocks * block_size * layout.bytes_per_token / 2**20)
+                    num_blocks * block_size * self.layout.bytes_per_token / 2**20)
+
+    def release_kv_cache(self) -> None:
+        self.kv_caches = []
+        self.block_size = 0
 
     # ---- one step ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
         """Run the packed batch; logits [num sampling sequences, vocab] in float32."""
-        inputs = self._prepare(batch)
-        out = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
-                         logits_to_keep=inputs.logits_indices, attn_metadata=inputs.metadata)
+        inputs = self.prepare_step(batch)
+        return self.forward(inputs, inputs.logits_indices)
+
+    @torch.inference_mode()
+    def forward(self, inputs: "StepInputs", logits_indices: torch.Tensor) -> torch.Tensor:
+        """The model over one packed step; logits [len(logits_indices), vocab] in float32."""
+        with attention.step_context(inputs.metadata):
+            out = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
+                             logits_to_keep=logits_indices)
         return out.logits[0].float()
 
-    def _prepare(self, batch: SchedulerOutput) -> "StepInputs":
+    def prepare_step(self, batch: SchedulerOutput) -> "StepInputs":
+        """Device tensors and attention metadata of a scheduled batch (decodes first)."""
         block_size = self.block_size
         input_ids, positions, slots, context_lens, cu_seqlens, logits_indices = [], [], [], [], [0], []
         for item in batch.scheduled:
@@ -151,7 +172,6 @@ class ModelRunner:
             num_decodes=sum(1 for item in batch.scheduled if item.num_new_tokens == 1),
             kv_caches=self.kv_caches,
             backend=self.backend)
-        self.backend.prepare(meta)
         return meta
 
     def _tensor(self, data, dtype) -> torch.Tensor:
@@ -164,12 +184,3 @@ class StepInputs:
     position_ids: torch.Tensor  # [1, T]
     logits_indices: torch.Tensor  # [num sampling sequences]
     metadata: attention.AttentionMetadata
-
-
-def kv_layout(config, dtype: torch.dtype) -> KVLayout:
-    """Layers, KV heads and head size from a Hugging Face config (Llama, Qwen2, Mistral, GPT-2 ...)."""
-    text = config.get_text_config()
-    num_heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
-    return KVLayout(text.num_hidden_layers, num_kv_heads, head_dim, dtype)
