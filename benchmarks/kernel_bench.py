@@ -73,7 +73,8 @@ def run_triton(case: DecodeCase) -> torch.Tensor:
 
 
 def run_gather_sdpa(case: DecodeCase) -> torch.Tensor:
-    return reference.decode_from_slots(case.query, case.k_cache, case.v_cache, case.slots, case.valid, case.scale)
+    return reference.decode_from_slots(case.query, case.k_cache, case.v_cache, case.slots, case.valid,
+                                       reference.AttentionParams(case.scale))
 
 
 def check(case: DecodeCase, name: str, out: torch.Tensor) -> float:
