@@ -153,3 +153,15 @@ def test_triton_backend_serves_layer_parameters_exactly(architecture, tmp_path):
     max_new = [6, 4]
     outputs = run_staggered(engine, prompts, max_new, arrivals=[0, 1])
     assert_matches_generate(folder, prompts, max_new, outputs)
+
+
+def test_kv_layout_comes_from_the_layers_not_the_config(tmp_path):
+    # GPT-2 has no grouped-query attention: a num_key_value_heads in its config is ignored by the
+    # model, and a cache shaped from it would be too small.
+    folder = build_model(tmp_path / "gpt2", "gpt2", num_key_value_heads=1, head_dim=8)
+    engine = make_engine(folder, "paged", max_model_len=128, max_kv_cache_tokens=256, block_size=4)
+    assert {(layer.num_kv_heads, layer.head_dim) for layer in engine.runner.layout.layers} == {(4, 16)}
+    assert engine.runner.kv_caches[0][0].shape[-2:] == (4, 16)
+    prompts = _long_prompts(engine.tokenizer, 2, seed=15)
+    outputs = run_staggered(engine, prompts, [8, 8], arrivals=[0, 1])
+    assert_matches_generate(folder, prompts, [8, 8], outputs)
