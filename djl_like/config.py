@@ -82,7 +82,6 @@ class ServingConfig:
     strategy: Strategy = Strategy.PAGED
     batch_size: int = 1
     max_batch_delay_ms: int = 100
-    max_idle_time_s: int = 60
     job_queue_size: int = 1000
     num_workers: int = 1
     max_rolling_batch_size: int = 32
@@ -93,7 +92,6 @@ class ServingConfig:
     tensor_parallel_degree: int = 1  # ALL_DEVICES (-1) for `max`
     trust_remote_code: bool = False
     enable_prefix_caching: bool = False
-    enable_chunked_prefill: bool = True
     # Render plain-text `inputs` as one user message with the tokenizer's chat template, so an
     # instruct model answers a bare question (on by default for the embedded default model).
     apply_chat_template: bool = False
@@ -233,6 +231,17 @@ def _megabytes(key: str, raw: str) -> int:
     return _positive_integer(key, raw) * MEBIBYTE
 
 
+def _chunked_prefill(key: str, raw: str) -> bool:
+    # NOTE: accepted for LMI/vLLM configs, which set it; prefill is always chunked here, so
+    # `false` would be a promise the server does not keep.
+    if not _boolean(key, raw):
+        raise _invalid(key, raw, "is not supported",
+                       "rolling and paged batching always split a prompt longer than "
+                       "option.max_rolling_batch_prefill_tokens into chunks; remove the key or "
+                       "set it to true")
+    return True
+
+
 # --- the known keys ------------------------------------------------------------------------
 
 
@@ -251,7 +260,6 @@ _KEYS: dict[str, _Key] = {
     "engine": _Key("engine", _choice({"Python": "Python", "MPI": "MPI"})),
     "batch_size": _Key("batch_size", _positive_integer),
     "max_batch_delay": _Key("max_batch_delay_ms", _integer(0)),
-    "max_idle_time": _Key("max_idle_time_s", _integer(0)),
     "job_queue_size": _Key("job_queue_size", _positive_integer),
     "minWorkers": _Key(None, _positive_integer),
     "maxWorkers": _Key(None, _positive_integer),
@@ -274,7 +282,7 @@ _KEYS: dict[str, _Key] = {
     "option.tensor_parallel_degree": _Key("tensor_parallel_degree", _tensor_parallel_degree),
     "option.trust_remote_code": _Key("trust_remote_code", _boolean),
     "option.enable_prefix_caching": _Key("enable_prefix_caching", _boolean),
-    "option.enable_chunked_prefill": _Key("enable_chunked_prefill", _boolean),
+    "option.enable_chunked_prefill": _Key(None, _chunked_prefill),
     "option.apply_chat_template": _Key("apply_chat_template", _boolean),
     "option.block_size": _Key("block_size", _integer(1, 1024)),
     "option.max_kv_cache_tokens": _Key("max_kv_cache_tokens", _positive_integer),
@@ -299,11 +307,9 @@ def _read(props: Mapping[str, str], key: str, default: Any) -> Any:
 
 
 def _parse_fields(props: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        spec.field: _read(props, key, None)
-        for key, spec in _KEYS.items()
-        if key in props and spec.field is not None
-    }
+    """Parse every known key that is set (so each is validated) and return the field values."""
+    parsed = {key: _read(props, key, None) for key in _KEYS if key in props}
+    return {_KEYS[key].field: value for key, value in parsed.items() if _KEYS[key].field}
 
 
 # --- combinations of keys --------------------------------------------------------------------

@@ -56,6 +56,13 @@ class DeviceOutOfMemoryError(LmiError):
     kind = "OutOfMemory"
 
 
+class InternalError(LmiError):
+    """A server bug met while serving this one request; the other requests carry on."""
+
+    status = 500
+    kind = "InternalServerError"
+
+
 class RequestTimeoutError(LmiError):
     """No result within ``option.predict_timeout``."""
 

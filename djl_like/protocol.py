@@ -11,11 +11,30 @@ import enum
 from dataclasses import dataclass, field
 
 
+# NOTE: vLLM's epsilon: below it, dividing logits by the temperature overflows float32 (inf,
+# then NaN probabilities), and the distribution is a point mass anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
 class FinishReason(str, enum.Enum):
+    """Why a request stopped. The first three reach clients in ``details.finish_reason``;
+    ``abort`` (the request was cancelled) and ``error`` (the model failed on it) end requests
+    whose clients get no generation, and are counted in ``/stats``."""
+
     LENGTH = "length"
     EOS = "eos_token"
     STOP_SEQUENCE = "stop_sequence"
     ABORT = "abort"
+    ERROR = "error"
+
+
+class AbortReason(str, enum.Enum):
+    """Why a request was cancelled before it finished (``/stats`` counts each)."""
+
+    CLIENT_DISCONNECTED = "client_disconnected"
+    TIMEOUT = "timeout"  # no result within option.predict_timeout
+    CANCELLED = "cancelled"  # its caller gave up on it (another prompt of its list failed ...)
+    SHUTDOWN = "shutdown"  # the server stopped before it finished
 
 
 @dataclass(frozen=True)
@@ -40,7 +59,7 @@ class GenerationParams:
 
     @property
     def is_greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,8 @@ class TokenOutput:
 
     token_id: int
     text: str
+    # The model's own log-probability of this token: log_softmax of the raw logits, before
+    # penalties, temperature and the top-k/top-p/min-p filters (vLLM's default).
     log_prob: float
     finish_reason: FinishReason | None = None
     # Set on the last output only: number of prompt tokens, for usage reports.

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,13 @@ from djl_like.protocol import GenerationParams
 STREAM_FORMATTERS = ("jsonlines", "sse")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _MAX_SEED = 2**64 - 1  # torch.manual_seed refuses larger values
+# NOTE: TGI allows 4 stop sequences by default and OpenAI 4; LMI clients merge `stop` and
+# `stop_sequences`, so allow more, but a bound: every stop is matched against every generated
+# character, and the longest one sets how much text a stream holds back.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+# A lone surrogate can only come from a \uD800-\uDFFF escape: bodies without one skip the walk.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,45 @@ def _load_json_object(body: bytes) -> dict:
         raise BadRequestError(
             f"request body must be a JSON object, got {type(payload).__name__}"
         )
+    if _SURROGATE_ESCAPE.search(body):
+        _check_encodable(payload)
     return payload
+
+
+def _check_encodable(payload: dict) -> None:
+    """Raise ``BadRequestError`` naming the first string that UTF-8 cannot encode.
+
+    JSON may escape lone surrogates (``"\\ud800"``), which Python decodes into strings that
+    the tokenizer, the chat template and the response encoder all refuse.
+    """
+    for field, text in _strings_in(payload):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadRequestError(
+                f"{field} is not valid Unicode: character {err.start} is a lone surrogate "
+                f"(U+{ord(text[err.start]):04X}), which UTF-8 cannot encode"
+            ) from None
+
+
+def _strings_in(value: Any) -> Iterator[tuple[str, str]]:
+    """(field name, string) of every string in a JSON value, keys included, in body order.
+
+    Iterative, so a body nested as deep as the JSON parser allows cannot overflow the stack.
+    """
+    pending: list[tuple[str, Any]] = [("body", value)]
+    while pending:
+        field, item = pending.pop()
+        if isinstance(item, str):
+            yield field, item
+        elif isinstance(item, dict):
+            prefix = "" if field == "body" else field + "."
+            for key in item:
+                yield f"a key of {field}", key
+            pending.extend((prefix + key, child) for key, child in reversed(item.items()))
+        elif isinstance(item, list):
+            pending.extend((f"{field}[{index}]", child)
+                           for index, child in reversed(list(enumerate(item))))
 
 
 def _reject_constant(name: str) -> Any:
@@ -136,7 +182,7 @@ def _range_text(low: float, high: float | None, low_open: bool) -> str:
     return f"in {'(' if low_open else '['}{low:g}, {high:g}]"
 
 
-def _strings(field: str, value: Any) -> tuple[str, ...]:
+def _stop_sequences(field: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
@@ -144,7 +190,21 @@ def _strings(field: str, value: Any) -> tuple[str, ...]:
             f"{field} must be a non-empty string or a list of non-empty strings, "
             f"got {_shown(value)}"
         )
+    _check_stop_count(field, len(value))
+    for index, stop in enumerate(value):
+        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise BadRequestError(
+                f"{field}[{index}] is {len(stop)} characters long; a stop sequence may have "
+                f"at most {MAX_STOP_SEQUENCE_CHARS}"
+            )
     return tuple(value)
+
+
+def _check_stop_count(field: str, count: int) -> None:
+    if count > MAX_STOP_SEQUENCES:
+        raise BadRequestError(
+            f"{field}: {count} stop sequences, over the limit of {MAX_STOP_SEQUENCES}"
+        )
 
 
 Validator = Callable[[str, Any], Any]
@@ -160,8 +220,8 @@ _PARAMETER_VALIDATORS: dict[str, Validator] = {
     "presence_penalty": lambda f, v: _number(f, v, low=-2.0, high=2.0),
     "frequency_penalty": lambda f, v: _number(f, v, low=-2.0, high=2.0),
     "seed": lambda f, v: _integer(f, v, low=0, high=_MAX_SEED),
-    "stop_sequences": _strings,
-    "stop": _strings,
+    "stop_sequences": _stop_sequences,
+    "stop": _stop_sequences,
     "do_sample": _boolean,
     "details": _boolean,
     "return_full_text": _boolean,
@@ -186,13 +246,17 @@ def _validate_parameters(
 
 
 def _generation_params(
-    values: dict[str, Any], max_new_tokens_field: str, max_model_len: int | None
+    values: dict[str, Any], prefix: str, max_model_len: int | None
 ) -> GenerationParams:
-    """Build ``GenerationParams`` from validated values, merging ``stop`` into stop sequences."""
+    """Build ``GenerationParams`` from validated values, merging ``stop`` into stop sequences.
+    ``prefix`` is where the parameters sit in the body (``parameters.`` or nothing)."""
     values = dict(values)
     values.pop("stream", None)
     stops = values.pop("stop_sequences", ()) + values.pop("stop", ())
     values["stop_sequences"] = tuple(dict.fromkeys(stops))
+    _check_stop_count(f"{prefix}stop + {prefix}stop_sequences",
+                      len(values["stop_sequences"]))
+    max_new_tokens_field = prefix + ("max_new_tokens" if prefix else "max_tokens")
     requested = values.get("max_new_tokens")
     if requested is not None and max_model_len is not None and requested > max_model_len:
         raise BadRequestError(
@@ -236,7 +300,7 @@ def _parse_generation(
     return InvocationRequest(
         prompts=prompts,
         is_batch=is_batch,
-        params=_generation_params(values, "parameters.max_new_tokens", max_model_len),
+        params=_generation_params(values, "parameters.", max_model_len),
         stream=stream,
         output_formatter=output_formatter,
         unknown_parameters=unknown_top_level + unknown,
@@ -319,7 +383,7 @@ def _parse_chat(
     return InvocationRequest(
         prompts=(),
         is_batch=False,
-        params=_generation_params(_chat_to_lmi(values), "max_tokens", max_model_len),
+        params=_generation_params(_chat_to_lmi(values), "", max_model_len),
         stream=stream,
         output_formatter=output_formatter,
         unknown_parameters=unknown,

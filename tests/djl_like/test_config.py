@@ -42,7 +42,6 @@ def test_defaults():
         ("batch_size", "1", "batch_size", 1),
         ("max_batch_delay", "0", "max_batch_delay_ms", 0),
         ("max_batch_delay", "1000", "max_batch_delay_ms", 1000),
-        ("max_idle_time", "30", "max_idle_time_s", 30),
         ("job_queue_size", "5", "job_queue_size", 5),
         ("minWorkers", "2", "num_workers", 2),
         ("maxWorkers", "3", "num_workers", 3),
@@ -72,7 +71,6 @@ def test_defaults():
         ("option.trust_remote_code", "False", "trust_remote_code", False),
         ("option.enable_prefix_caching", "true", "enable_prefix_caching", True),
         ("option.apply_chat_template", "true", "apply_chat_template", True),
-        ("option.enable_chunked_prefill", "false", "enable_chunked_prefill", False),
         ("option.block_size", "1", "block_size", 1),
         ("option.block_size", "1024", "block_size", 1024),
         ("option.max_kv_cache_tokens", "8192", "max_kv_cache_tokens", 8192),
@@ -197,7 +195,6 @@ def test_prefix_caching_off_is_fine_in_any_strategy():
         ("batch_size", "1_000", "expected an integer >= 1"),
         ("batch_size", "", "expected an integer >= 1"),
         ("max_batch_delay", "-1", "expected an integer >= 0"),
-        ("max_idle_time", "1m", "expected an integer >= 0"),
         ("job_queue_size", "0", "expected an integer >= 1"),
         ("minWorkers", "0", "expected an integer >= 1"),
         ("maxWorkers", "many", "expected an integer >= 1"),
@@ -220,6 +217,8 @@ def test_prefix_caching_off_is_fine_in_any_strategy():
         ("option.trust_remote_code", "1", "expected true or false"),
         ("option.enable_prefix_caching", "on", "expected true or false"),
         ("option.enable_chunked_prefill", "maybe", "expected true or false"),
+        ("option.enable_chunked_prefill", "false", "always split a prompt longer than "
+         "option.max_rolling_batch_prefill_tokens into chunks"),
         ("option.block_size", "0", "expected an integer from 1 to 1024"),
         ("option.block_size", "2048", "expected an integer from 1 to 1024"),
         ("option.max_kv_cache_tokens", "0", "expected an integer >= 1"),
@@ -333,3 +332,20 @@ def test_config_imports_without_torch():
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=repo_root)
     assert result.returncode == 0, result.stderr
+
+
+def test_max_idle_time_is_kept_as_an_unused_key_with_a_warning(caplog):
+    # Workers are a fixed number of model copies here, never scaled down when idle: the LMI key
+    # is carried over without error, and the warning says it does nothing.
+    with caplog.at_level(logging.WARNING, logger="djl_like.config"):
+        config = ServingConfig.from_properties({"max_idle_time": "30"})
+    assert dict(config.unknown) == {"max_idle_time": "30"}
+    assert "max_idle_time" in caplog.records[0].getMessage()
+    assert not hasattr(config, "max_idle_time_s")
+
+
+def test_enable_chunked_prefill_true_is_accepted_and_false_refused():
+    assert "option.enable_chunked_prefill" not in ServingConfig.from_properties(
+        {"option.enable_chunked_prefill": "true"}).unknown
+    with pytest.raises(ConfigError, match=r"option.enable_chunked_prefill='false' is not supported"):
+        ServingConfig.from_properties({"option.enable_chunked_prefill": "false"})

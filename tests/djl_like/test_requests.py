@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from djl_like.errors import BadRequestError, PayloadTooLargeError
-from djl_like.requests import InvocationRequest, check_body_size, parse_invocation
+from djl_like.requests import (MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES, InvocationRequest,
+                               check_body_size, parse_invocation)
 
 
 def parse(body: dict, **kwargs) -> InvocationRequest:
@@ -56,6 +57,36 @@ def test_json_that_is_not_an_object_is_400(raw):
 def test_utf8_body_with_bom_and_non_ascii_prompt_is_accepted():
     request = parse_invocation('\ufeff{"inputs": "héllo ✓"}'.encode("utf-8"))
     assert request.prompts == ("héllo ✓",)
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        (rb'{"inputs": "abc \ud800 def"}', "inputs is not valid Unicode"),
+        (rb'{"inputs": ["fine", "x\uDFFF"]}', "inputs[1] is not valid Unicode"),
+        (rb'{"messages": [{"role": "user", "content": "hi \udc00"}]}',
+         "messages[0].content is not valid Unicode"),
+        (rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]}',
+         "messages[0].content[0].text is not valid Unicode"),
+        (rb'{"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}',
+         "messages[0].name is not valid Unicode"),
+        (rb'{"inputs": "x", "parameters": {"stop_sequences": ["\ud800"]}}',
+         "parameters.stop_sequences[0] is not valid Unicode"),
+        (rb'{"inputs": "x", "parameters": {"\ud800": 1}}', "a key of parameters"),
+        (rb'{"inputs": "x", "model": "\udbff"}', "model is not valid Unicode"),
+    ],
+    ids=["inputs", "list-item", "chat-content", "chat-text-part", "chat-name", "stop", "key",
+         "ignored-field"],
+)
+def test_lone_surrogate_anywhere_is_400_naming_the_field(raw, field):
+    error = assert_bad_request(raw, field)
+    assert "lone surrogate" in error.message
+
+
+def test_escaped_surrogate_pairs_are_ordinary_characters():
+    request = parse_invocation(rb'{"inputs": "rocket \ud83d\ude80", "parameters": {"stop": "\\ud800"}}')
+    assert request.prompts == ("rocket \U0001F680",)
+    assert request.params.stop_sequences == ("\\ud800",)
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -250,6 +281,43 @@ def test_temperature_zero_with_sampling_is_greedy():
     params = parse({"inputs": "x", "parameters": {"do_sample": True, "temperature": 0}}).params
     assert params.do_sample is True
     assert params.is_greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6, 0.0])
+def test_temperature_below_the_epsilon_with_sampling_is_greedy(temperature):
+    params = parse({"inputs": "x", "parameters": {"do_sample": True, "temperature": temperature}}).params
+    assert params.is_greedy
+
+
+def test_small_positive_temperature_still_samples():
+    assert not parse({"inputs": "x", "parameters": {"do_sample": True, "temperature": 1e-3}}).params.is_greedy
+
+
+@pytest.mark.parametrize("name", ["stop", "stop_sequences"])
+def test_stop_sequences_up_to_the_limits_are_accepted(name):
+    stops = [f"{index:03d}" + "x" * (MAX_STOP_SEQUENCE_CHARS - 3) for index in range(MAX_STOP_SEQUENCES)]
+    assert parse({"inputs": "x", "parameters": {name: stops}}).params.stop_sequences == tuple(stops)
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"stop_sequences": ["s"] * 50_000}, "parameters.stop_sequences: 50000 stop sequences, over the limit of 16"),
+        ({"stop": [str(i) for i in range(17)]}, "parameters.stop: 17 stop sequences"),
+        ({"stop": [f"a{i}" for i in range(9)], "stop_sequences": [f"b{i}" for i in range(9)]},
+         "parameters.stop + parameters.stop_sequences: 18 stop sequences"),
+        ({"stop_sequences": ["ok", "x" * 1_000_000]},
+         "parameters.stop_sequences[1] is 1000000 characters long; a stop sequence may have at most 256"),
+        ({"stop": "y" * 257}, "parameters.stop[0] is 257 characters long"),
+    ],
+    ids=["50000-stops", "17-stops", "merged-18", "1-MB-stop", "257-characters"],
+)
+def test_too_many_or_too_long_stop_sequences_are_400(parameters, message):
+    assert_bad_request({"inputs": "x", "parameters": parameters}, message)
+
+
+def test_chat_stop_over_the_limit_is_400():
+    assert_bad_request({"messages": USER_HI, "stop": [str(i) for i in range(17)]}, "stop: 17 stop sequences")
 
 
 def test_max_new_tokens_over_max_model_len_is_400_naming_both_numbers():
