@@ -14,9 +14,7 @@ import time
 
 import torch
 
-from batching.offline import create_engine, generate
-from djl_like.config import ServingConfig
-from djl_like.protocol import GenerationParams
+from batching import LLM
 
 PROMPTS = ("The future of artificial intelligence is",
            "Write a short story about a robot who learns to paint. Once upon a time,")
@@ -24,16 +22,17 @@ PROMPTS = ("The future of artificial intelligence is",
 
 def probe(model: str, dtype: str, sequences: int, new_tokens: int, strategy: str) -> tuple[float, str]:
     """Output tokens/s of one generate() over ``sequences`` prompts, and a sample answer."""
-    config = ServingConfig(strategy=strategy, dtype=dtype, device="cpu", max_model_len=336,
-                           max_kv_cache_tokens=336 * (sequences + 2), max_rolling_batch_size=sequences,
-                           batch_size=sequences if strategy == "dynamic" else 1, max_batch_delay_ms=0)
-    engine = create_engine(config, model)
-    generate(engine, list(PROMPTS), GenerationParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
-    start = time.perf_counter()
-    generate(engine, prompts, GenerationParams(max_new_tokens=new_tokens, ignore_eos=True))
-    tokens_per_s = sequences * new_tokens / (time.perf_counter() - start)
-    sample = generate(engine, ["The capital of France is"], GenerationParams(max_new_tokens=8))[0].text
+    strategy_keys = {"dynamic": {"batch_size": sequences, "max_batch_delay": 0},
+                     "rolling": {"rolling_batch": "auto", "paged_attention": False},
+                     "paged": {"rolling_batch": "auto", "paged_attention": True}}[strategy]
+    with LLM(model, dtype=dtype, device="cpu", max_model_len=336, max_kv_cache_tokens=336 * (sequences + 2),
+             max_rolling_batch_size=sequences, **strategy_keys) as llm:
+        llm.generate(list(PROMPTS), {"max_new_tokens": 2, "ignore_eos": True}, use_tqdm=False)  # warm-up
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
+        start = time.perf_counter()
+        llm.generate(prompts, {"max_new_tokens": new_tokens, "ignore_eos": True}, use_tqdm=False)
+        tokens_per_s = sequences * new_tokens / (time.perf_counter() - start)
+        sample = llm.generate("The capital of France is", {"max_new_tokens": 8}, use_tqdm=False)[0].text
     return tokens_per_s, sample
 
 
