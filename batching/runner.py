@@ -17,6 +17,20 @@ from kernels.attention import LayerSpec
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def read_cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere). Our machines differ:
+    some have AVX512-BF16, some only AVX2, so features are read, never assumed."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 @dataclass(frozen=True)
@@ -42,12 +56,16 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pick_dtype(requested: str, device: torch.device, config) -> torch.dtype:
-    """``auto`` is float32 on CPU (exact, and fast there) and the checkpoint's dtype on CUDA."""
+def pick_dtype(requested: str, device: torch.device, config, cpu_flags: frozenset[str] | None = None) -> torch.dtype:
+    """``auto``: on CUDA the checkpoint's dtype (bf16 for fp32 checkpoints); on a CPU that computes
+    bf16 natively (AVX512-BF16 or AMX-BF16) bf16, which halves the weight bytes every step reads
+    (small batches are bound by them) and runs its matrix products about twice as fast as fp32;
+    on other CPUs fp32, since emulated bf16 is slower there."""
     if requested != "auto":
         return DTYPES[requested]
     if device.type != "cuda":
-        return torch.float32
+        flags = cpu_flags if cpu_flags is not None else read_cpu_flags()
+        return torch.bfloat16 if flags & NATIVE_BF16_FLAGS else torch.float32
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return stored if isinstance(stored, torch.dtype) and stored != torch.float32 else torch.bfloat16
 

@@ -83,7 +83,10 @@ def start_server(model_dir: str | os.PathLike[str], env: dict[str, str] | None =
 
 
 def _environment(extra: dict[str, str] | None) -> dict[str, str]:
-    env = {**os.environ, **(extra or {})}
+    # NOTE: test servers compute in fp32 unless a test says otherwise (its env or its
+    # serving.properties, which wins over the variable): the exactness tests hold for fp32, and
+    # `auto` is bf16 on CPUs with native bf16, whose results may vary with the batch's shape.
+    env = {"OPTION_DTYPE": "fp32", **os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
