@@ -174,15 +174,15 @@ class BlockManager:
     def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """Block ids of the longest cached run of full blocks that starts ``token_ids``.
 
-        A pure lookup: takes no references (call ``acquire_prefix`` to keep them). Never covers the
-        last token, which must be computed to get logits. Returns [] when prefix caching is off.
+        A pure lookup: takes no references and counts nothing (``acquire_prefix`` does both, for
+        the sequence that is admitted). Never covers the last token, which must be computed to get
+        logits. Returns [] when prefix caching is off.
         """
         if not self.enable_prefix_caching:
             return []
-        num_queried = max(0, (len(token_ids) - 1) // self.block_size)
         hits: list[int] = []
         parent_content_id = _ROOT_CONTENT_ID
-        for index in range(num_queried):
+        for index in range(self._num_queryable_blocks(token_ids)):
             # NOTE: the key is compared by equality, not only by hash, so a hash collision (in the
             # tokens or the parent) can never return a block holding other tokens or context.
             key = (parent_content_id, self._block_tokens(token_ids, index))
@@ -191,12 +191,17 @@ class BlockManager:
                 break
             hits.append(block_id)
             parent_content_id = self._blocks[block_id].content_id
-        self._num_prefix_queries += num_queried
-        self._num_prefix_hits += len(hits)
         return hits
 
-    def acquire_prefix(self, block_table: list[int], cached_blocks: Sequence[int]) -> None:
-        """Put the ``match_prefix`` hit ``cached_blocks`` into the empty ``block_table``.
+    def _num_queryable_blocks(self, token_ids: Sequence[int]) -> int:
+        return max(0, (len(token_ids) - 1) // self.block_size)
+
+    def acquire_prefix(
+        self, block_table: list[int], cached_blocks: Sequence[int], token_ids: Sequence[int]
+    ) -> None:
+        """Admit a sequence: put the ``match_prefix(token_ids)`` hit ``cached_blocks`` into its
+        empty ``block_table``, and count the lookup (once per admission, however many times the
+        waiting sequence was looked up before it fitted).
 
         Each block gains a reference; a free cached one leaves the free list. Call it right after
         ``match_prefix`` (an ``allocate`` in between may evict a hit: that raises ``ValueError``).
@@ -210,6 +215,9 @@ class BlockManager:
             self._free_cached.pop(block_id, None)
             self._blocks[block_id].ref_count += 1
         block_table.extend(cached_blocks)
+        if self.enable_prefix_caching:
+            self._num_prefix_queries += self._num_queryable_blocks(token_ids)
+            self._num_prefix_hits += len(cached_blocks)
 
     def register_full_blocks(
         self, block_table: Sequence[int], token_ids: Sequence[int], num_computed_tokens: int
@@ -260,7 +268,7 @@ class BlockManager:
     # ----------------------------------------------------------------------------- statistics
 
     def stats(self) -> dict[str, int | float]:
-        """Block counts and prefix-cache counters (queries and hits counted in full blocks)."""
+        """Block counts and prefix-cache counters (in full blocks, one lookup per admission)."""
         queries, hits = self._num_prefix_queries, self._num_prefix_hits
         return {
             "num_blocks": self.num_blocks,

@@ -17,19 +17,17 @@ class PagedBatcher(RollingBatcher):
 
     def _reserve_for_admission(self, seq: Sequence, budget: int) -> int | None:
         manager = self.block_manager
-        if manager.enable_prefix_caching and not seq.block_table:
-            cached = manager.match_prefix(seq.token_ids)
-            manager.acquire_prefix(seq.block_table, cached)
-            seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * manager.block_size
-        num_new = min(seq.num_uncomputed_tokens, budget)
-        needed = manager.blocks_needed(seq.block_table, seq.num_computed_tokens + num_new)
+        cached = manager.match_prefix(seq.token_ids)  # [] without prefix caching
+        num_cached_tokens = len(cached) * manager.block_size
+        num_new = min(seq.num_tokens - num_cached_tokens, budget)
+        needed = manager.blocks_needed(cached, num_cached_tokens + num_new)
         # NOTE: keep one free block per running sequence: admitting into the last free blocks
         # only gets the newcomer preempted (its prefill wasted) as soon as the others grow.
-        if not manager.can_allocate(needed + len(self.running)):
-            manager.free(seq.block_table)
-            seq.num_computed_tokens = seq.num_cached_tokens = 0
+        if not manager.can_allocate(needed + len(self.running), cached):
             return None
-        manager.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+        manager.acquire_prefix(seq.block_table, cached, seq.token_ids)
+        seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
+        manager.allocate(seq.block_table, num_cached_tokens + num_new)
         return num_new
 
     def _reserve_for_step(self, seq: Sequence, num_new_tokens: int, output: SchedulerOutput) -> bool:

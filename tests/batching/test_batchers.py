@@ -220,3 +220,24 @@ def test_paged_admission_keeps_a_free_block_per_running_sequence():
     batcher.add(too_big)
     assert all(item.seq is not too_big for item in step(batcher).scheduled)
     assert too_big in batcher.waiting
+
+
+def test_prefix_cache_lookups_are_counted_once_per_admitted_sequence():
+    batcher = make("paged", block_size=4, capacity=36, max_model_len=36, budget=64, prefix=True)  # 9 blocks
+    batcher.add(seq(9, max_new=1))
+    step(batcher)  # computed, finished: its two full blocks stay cached
+    hog = seq(24, max_new=4, first_token=100)  # grows to 7 blocks, leaving the 2 cached ones
+    batcher.add(hog)
+    step(batcher)
+    blocked = seq(9, max_new=1)  # the same prompt: a hit of two blocks, once admitted
+    batcher.add(blocked)
+    num_steps_blocked = 0
+    while blocked in batcher.waiting:
+        step(batcher)
+        num_steps_blocked += 1
+    assert num_steps_blocked >= 3
+    blocks = batcher.stats()["blocks"]
+    # Two admissions of 9-token prompts and one of 24 (2 + 5 + 2 queried full blocks): the
+    # blocked head counted when it got in, not at each step it waited.
+    assert (blocks["prefix_queries"], blocks["prefix_hits"]) == (2 + 5 + 2, 2)
+    assert blocks["prefix_hit_rate"] == pytest.approx(2 / 9)

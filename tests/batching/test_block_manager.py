@@ -23,7 +23,7 @@ COLLIDING_TOKEN = 2**61
 def make_sequence(manager: BlockManager, token_ids: list[int]) -> list[int]:
     """Admit a sequence the way the scheduler does: reuse its cached prefix, allocate the rest."""
     block_table: list[int] = []
-    manager.acquire_prefix(block_table, manager.match_prefix(token_ids))
+    manager.acquire_prefix(block_table, manager.match_prefix(token_ids), token_ids)
     manager.allocate(block_table, len(token_ids))
     return block_table
 
@@ -176,7 +176,7 @@ def test_freed_blocks_still_hit_until_reallocated():
     assert manager.match_prefix(tokens) == cached
 
     reused: list[int] = []
-    manager.acquire_prefix(reused, manager.match_prefix(tokens))
+    manager.acquire_prefix(reused, manager.match_prefix(tokens), tokens)
     assert manager.num_free_blocks == 1 and manager.num_cached_blocks == 0  # hits left free list
     manager.free(reused)
 
@@ -211,7 +211,7 @@ def test_reacquired_block_is_evicted_after_older_cached_blocks():
     manager.free(first)
     manager.free(second)
     hit: list[int] = []
-    manager.acquire_prefix(hit, manager.match_prefix([1, 2, 0]))
+    manager.acquire_prefix(hit, manager.match_prefix([1, 2, 0]), [1, 2, 0])
     manager.free(hit)  # first's block is now the most recently freed cached block
     evicting = make_sequence(manager, [0] * 4)  # the uncached block, then the LRU cached one
     assert second_block in evicting and first_block not in evicting
@@ -244,17 +244,18 @@ def test_identical_content_computed_twice_is_cached_once():
     assert manager.match_prefix(tokens) == holder_blocks[:2]
 
 
-def test_hit_rate_counts_full_blocks():
-    manager = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+def test_hit_rate_counts_full_blocks_once_per_admission():
+    manager = BlockManager(num_blocks=12, block_size=4, enable_prefix_caching=True)
     tokens = list(range(12))
     computed_sequence(manager, tokens)  # its own admission: 2 queried, 0 hit
-    manager.match_prefix(tokens + [50])  # 3 queried, 3 hit
-    manager.match_prefix([0, 1, 2, 3, 99, 5, 6, 7, 8])  # 2 queried, 1 hit
-    manager.match_prefix([0, 1])  # 0 queried
+    for _ in range(5):  # lookups of a waiting sequence that does not fit yet count nothing
+        assert len(manager.match_prefix(tokens + [50])) == 3
+    make_sequence(manager, tokens + [50])  # 3 queried, 3 hit
+    make_sequence(manager, [0, 1, 2, 3, 99, 5, 6, 7, 8])  # 2 queried, 1 hit
+    make_sequence(manager, [0, 1])  # 0 queried
     stats = manager.stats()
     assert (stats["prefix_queries"], stats["prefix_hits"]) == (7, 4)
     assert stats["prefix_hit_rate"] == pytest.approx(4 / 7)
-    assert (stats["num_blocks"], stats["used"], stats["free"], stats["cached"]) == (8, 3, 5, 0)
 
 
 def test_hash_collisions_never_cause_a_wrong_hit():
@@ -291,11 +292,11 @@ def test_acquire_prefix_refuses_misuse():
     table = computed_sequence(manager, [1, 2, 3])
     hits = manager.match_prefix([1, 2, 3])
     with pytest.raises(ValueError):
-        manager.acquire_prefix([table[1]], hits)  # table must be empty
+        manager.acquire_prefix([table[1]], hits, [1, 2, 3])  # table must be empty
     manager.free(table)
     manager.free(make_sequence(manager, [0] * 4))  # evicts the hit after the lookup
     with pytest.raises(ValueError):
-        manager.acquire_prefix([], hits)
+        manager.acquire_prefix([], hits, [1, 2, 3])
     assert manager.num_free_blocks == 2
 
 
@@ -368,7 +369,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         num_new_blocks = self.manager.blocks_needed(hits, len(token_ids))
         fits = self.manager.can_allocate(num_new_blocks, hits)
         block_table: list[int] = []
-        self.manager.acquire_prefix(block_table, hits)
+        self.manager.acquire_prefix(block_table, hits, token_ids)
         if not fits:
             num_free = self.manager.num_free_blocks
             with pytest.raises(NoFreeBlocksError):
