@@ -26,12 +26,16 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """logits: [len(seqs), V] float32. Returns one token id and its log-probability per row."""
+        """logits: [len(seqs), V] float32. Returns one token id per row and the token's raw
+        log-probability under the model."""
+        # NOTE: vLLM's default semantics: the log-probability the model gave the token, before
+        # penalties, temperature and filters; it says how likely the model found the token, and
+        # does not turn into 0 because top_k=1 made the draw certain.
         logits = logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)  # before the penalties below change logits
         for row, seq in enumerate(seqs):
             if needs_processing(seq.params):
                 logits[row] = apply_penalties(logits[row], seq)
-        log_probs = torch.log_softmax(logits, dim=-1)
         tokens = torch.argmax(logits, dim=-1)
         for row, seq in enumerate(seqs):
             if not seq.params.is_greedy:

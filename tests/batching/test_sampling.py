@@ -54,3 +54,10 @@ def test_filters_keep_the_expected_tokens():
     assert kept(top_p=0.9) == [0, 1, 2]
     assert kept(min_p=0.2) == [0, 1]  # p(1)/p(0) = e^-1 = 0.37 >= 0.2, p(2)/p(0) = 0.14 < 0.2
     assert kept() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6])
+def test_temperature_below_the_epsilon_samples_the_greedy_tokens(engine, temperature):
+    greedy = generate(engine, PROMPTS, GenerationParams(max_new_tokens=12))
+    tiny = generate(engine, PROMPTS, GenerationParams(max_new_tokens=12, do_sample=True, temperature=temperature))
+    assert [tokens(r) for r in tiny] == [tokens(r) for r in greedy]
