@@ -23,12 +23,12 @@ class ScriptedRunner:
         self.scripts[tuple(self.tokenizer.encode(prompt))] = continuation
 
     def execute(self, batch) -> torch.Tensor:
-        rows = []
-        for seq in batch.sampling_sequences:
+        rows = [torch.zeros(self.vocab_size)]  # like the real runner: one row when none samples
+        for row, seq in enumerate(batch.sampling_sequences):
             script = self.scripts[tuple(seq.prompt_token_ids)]
             logits = torch.zeros(self.vocab_size)
             logits[script[seq.num_output_tokens % len(script)]] = 40.0
-            rows.append(logits)
+            rows[row:row + 1] = [logits]
         return torch.stack(rows)
 
 
