@@ -100,6 +100,14 @@ class ServingConfig:
     gpu_memory_utilization: float = 0.9
     output_formatter: str = "json"  # json | jsonlines | sse
     task: str | None = None  # text-generation | text-embedding; None: from the architecture
+    # Custom code (option.entryPoint, or a model.py in the model folder): the function to call,
+    # and whether the folder's requirements.txt is pip-installed at start (a supply-chain risk).
+    handler: str = "handle"
+    install_requirements: bool = False
+    # Text embedding: None takes the sentence-transformers pooling config, else the architecture's.
+    pooling: str | None = None  # mean | cls | last | max | mean_sqrt_len
+    normalize: bool = True
+    truncate: bool = False  # cut inputs longer than the model's limit instead of refusing them
     predict_timeout_s: float = 120.0
     max_payload_bytes: int = 6 * MEBIBYTE
     port: int = 8080
@@ -250,6 +258,11 @@ ROLLING_BATCH_NAMES = ("auto", "scheduler", "lmi-dist", "vllm", "disable")
 _PAGED_ENGINES = ("lmi-dist", "vllm")
 
 
+# Accepted spellings of the embedding pooling modes (lasttoken is DJL's name for last).
+POOLING_NAMES = {"mean": "mean", "cls": "cls", "last": "last", "lasttoken": "last", "max": "max",
+                 "mean_sqrt_len": "mean_sqrt_len"}
+
+
 class _Key(NamedTuple):
     field: str | None  # the ServingConfig field it sets; None: read by a combining function
     parse: Parser
@@ -294,6 +307,15 @@ _KEYS: dict[str, _Key] = {
         "text-generation": "text-generation", "text-embedding": "text-embedding",
         "feature-extraction": "text-embedding"})),
     "option.predict_timeout": _Key("predict_timeout_s", _positive_number()),
+    "option.handler": _Key("handler", _text),
+    "option.install_requirements": _Key("install_requirements", _boolean),
+    # LMI's embedding engines read pooling and normalize without the option. prefix; both work,
+    # and the option. spelling wins when both are set (it comes later here).
+    "pooling": _Key("pooling", _choice(POOLING_NAMES)),
+    "option.pooling": _Key("pooling", _choice(POOLING_NAMES)),
+    "normalize": _Key("normalize", _boolean),
+    "option.normalize": _Key("normalize", _boolean),
+    "option.truncate": _Key("truncate", _boolean),
 }
 _STRATEGY_KEYS = ("batch_size", "option.rolling_batch", "option.paged_attention")
 _WORKER_KEYS = ("minWorkers", "maxWorkers")

@@ -49,6 +49,8 @@ _ALIASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("HF_REVISION", ("option.revision",)),
     ("HF_TASK", ("option.task",)),
     ("HF_MODEL_TRUST_REMOTE_CODE", ("option.trust_remote_code",)),
+    # DJL Serving's own name for the custom handler file (OPTION_ENTRYPOINT wins over it).
+    ("DJL_ENTRY_POINT", ("option.entryPoint",)),
 )
 
 
