@@ -28,7 +28,7 @@ from djl_like.errors import (BadRequestError, ConfigError, LmiError, RequestTime
                              ServiceUnavailableError)
 from djl_like.formatters import (chat_completion_chunk, chat_stream_end, content_type, frame,
                                  format_chat_completion, format_response, stream_chunk)
-from djl_like.protocol import GenerationParams, GenerationResult, TokenOutput
+from djl_like.protocol import AbortReason, GenerationParams, GenerationResult, TokenOutput
 from djl_like.requests import InvocationRequest, check_body_size, parse_invocation
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ POLL_INTERVAL_S = 0.25
 READ_CHUNK_BYTES = 1 << 16
 # Not a real reply (nobody is left to read it); nginx's code for "client closed request".
 CLIENT_CLOSED_STATUS = 499
+# Set on gunicorn's request body object when its framing broke (a bad chunk size ...): the
+# worker (container.serve) then closes the connection instead of reading the bytes after it as
+# a next request.
+BROKEN_FRAMING_FLAG = "lmi_broken_framing"
 
 
 def create_app(
@@ -55,9 +59,55 @@ def create_app(
     app = Flask(__name__)
     app.json.sort_keys = False  # keep LMI's field order: generated_text first
     app.extensions["lmi_engine_loader"] = loader
-    _register_routes(app, config, loader)
+    drain = Drain(loader)
+    app.extensions["lmi_drain"] = drain
+    _register_routes(app, config, loader, drain)
     _register_error_handlers(app)
     return app
+
+
+# --- shutting down ------------------------------------------------------------------------------
+
+
+class Drain:
+    """The worker's shutdown: after ``begin()``, new requests are refused with 503 at once (a
+    load balancer retries them elsewhere) and ``/ping`` answers 503, while the requests already
+    admitted finish. The gunicorn worker (``container.serve``) starts it on SIGTERM, waits for
+    ``num_in_flight`` to reach 0 or its time limit, and calls ``end()`` before it exits."""
+
+    def __init__(self, loader: EngineLoader):
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._num_in_flight = 0
+        self.started = threading.Event()
+
+    @property
+    def num_in_flight(self) -> int:
+        """Admitted requests whose response is not complete yet (streams included)."""
+        with self._lock:
+            return self._num_in_flight
+
+    def begin(self) -> None:
+        self.started.set()
+
+    def end(self) -> None:
+        """Time is up: stop the engine; requests still in it fail with 503 (or a last error
+        frame, for a stream that started)."""
+        engine = self._loader.ready_engine()
+        if engine is not None:
+            engine.shutdown()
+
+    def admit(self) -> None:
+        """Count a new request in, or raise ``ServiceUnavailableError`` (503) when draining."""
+        with self._lock:
+            if self.started.is_set():
+                raise ServiceUnavailableError(
+                    "the server is shutting down; send the request to another instance")
+            self._num_in_flight += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._num_in_flight -= 1
 
 
 # --- the engine, loaded in the background -----------------------------------------------------
@@ -102,6 +152,10 @@ class EngineLoader:
         """Why loading failed, or None."""
         return self._error
 
+    def ready_engine(self) -> Engine | None:
+        """The engine once loaded, else None."""
+        return self._engine
+
     def health(self) -> tuple[int, dict]:
         """The ``/ping`` status code and body."""
         if self._error is not None:
@@ -138,25 +192,17 @@ def _engine_failure(engine: Engine) -> str:
 
 
 class ChatPrompts:
-    """Renders OpenAI chat messages into prompt token ids with the model's chat template.
-
-    Rendering is plain Jinja; encoding goes through ``Engine.encode``, which serialises use of
-    the tokenizer shared with the engine thread.
-    """
+    """Renders OpenAI chat messages into prompt text with the model's chat template (plain
+    Jinja: the tokenizer itself is not used, so rendering needs no coordination with anyone)."""
 
     def __init__(self, engine: Engine):
-        self._engine = engine
         self._tokenizer = engine.tokenizer
 
-    def token_ids(self, messages: tuple[dict, ...]) -> list[int]:
-        """Raises ``BadRequestError`` when the model has no template or it refuses the messages."""
+    def render(self, messages: tuple[dict, ...]) -> str:
+        """Raises ``BadRequestError`` when the model has no template or it refuses the messages.
+        The text holds the template's special tokens (BOS ...): submit it without adding more."""
         if not getattr(self._tokenizer, "chat_template", None):
             raise BadRequestError("messages: this model has no chat template; send 'inputs'")
-        # NOTE: the template writes the special tokens itself (BOS ...); encoding with them
-        # would add a second BOS.
-        return self._engine.encode(self._render(messages), add_special_tokens=False)
-
-    def _render(self, messages: tuple[dict, ...]) -> str:
         try:
             return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                        add_generation_prompt=True)
@@ -221,12 +267,12 @@ def _watch(
     """
     while not handle.finished:
         if client.is_gone():
-            handle.abort()
+            handle.abort(AbortReason.CLIENT_DISCONNECTED)
             raise ClientDisconnected(handle.request_id)
         remaining = deadline.remaining()
         if remaining <= 0:
-            handle.abort()
-            waited_for = "a next token" if per_token else "the result"
+            handle.abort(AbortReason.TIMEOUT)
+            waited_for = "next token" if per_token else "result"
             raise RequestTimeoutError(f"no {waited_for} within option.predict_timeout "
                                       f"({deadline.timeout_s:g} s); the request was aborted")
         try:
@@ -239,29 +285,34 @@ def _watch(
 
 
 def _collect(
-    handles: list[RequestHandle], client: ClientConnection, timeout_s: float
+    handles: list[RequestHandle], prompts: list[str], client: ClientConnection, timeout_s: float
 ) -> list[GenerationResult]:
-    """Wait for every handle's whole result within one deadline; abort them all on failure."""
+    """Wait for every handle's whole result within one deadline; abort them all on failure.
+    ``prompts[i]`` is the prompt to report for ``handles[i]`` (what the client sent)."""
     deadline = _Deadline(timeout_s)
     try:
-        return [GenerationResult(prompt=handle.prompt,
+        return [GenerationResult(prompt=prompt,
                                  tokens=list(_watch(handle, client, deadline, per_token=False)))
-                for handle in handles]
+                for handle, prompt in zip(handles, prompts)]
     finally:
         _abort_unfinished(handles)
 
 
 def _abort_unfinished(handles: list[RequestHandle]) -> None:
+    """Abort what another prompt's failure left running (a no-op for finished handles); a
+    timeout or a disconnect already aborted its own handle with its reason."""
     for handle in handles:
-        handle.abort()  # a no-op for a finished handle
+        handle.abort(AbortReason.CANCELLED)
 
 
 # --- routes -------------------------------------------------------------------------------------
 
 
-def _register_routes(app: Flask, config: ServingConfig, loader: EngineLoader) -> None:
+def _register_routes(app: Flask, config: ServingConfig, loader: EngineLoader, drain: Drain) -> None:
     @app.get("/ping")
     def ping() -> Response:
+        if drain.started.is_set():
+            return _json({"status": "draining"}, 503)
         status, body = loader.health()
         return _json(body, status)
 
@@ -271,11 +322,27 @@ def _register_routes(app: Flask, config: ServingConfig, loader: EngineLoader) ->
 
     @app.post("/invocations")
     def invocations() -> Response:
-        return _invoke(config, loader, chat_only=False)
+        return _admitted(drain, lambda: _invoke(config, loader, chat_only=False))
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
-        return _invoke(config, loader, chat_only=True)
+        return _admitted(drain, lambda: _invoke(config, loader, chat_only=True))
+
+
+def _admitted(drain: Drain, handler: Callable[[], Response]) -> Response:
+    """Run ``handler`` as an admitted request: counted in flight until its response is complete
+    (a stream, until it closes), refused with 503 while the worker drains."""
+    drain.admit()
+    try:
+        response = handler()
+    except BaseException:
+        drain.release()
+        raise
+    if response.is_streamed:
+        response.call_on_close(drain.release)
+    else:
+        drain.release()
+    return response
 
 
 def _invoke(config: ServingConfig, loader: EngineLoader, *, chat_only: bool) -> Response:
@@ -294,9 +361,16 @@ def _invoke(config: ServingConfig, loader: EngineLoader, *, chat_only: bool) -> 
         response = _generate(call)
     if invocation.unknown_parameters:
         ignored = ", ".join(invocation.unknown_parameters)
-        logger.warning("ignoring unknown request parameters: %s", ignored)
-        response.headers[IGNORED_PARAMETERS_HEADER] = ignored
+        logger.warning("ignoring unknown request parameters: %r", ignored)
+        response.headers[IGNORED_PARAMETERS_HEADER] = _header_safe(ignored)
     return response
+
+
+def _header_safe(text: str) -> str:
+    """``text`` as a header value: printable ASCII, anything else backslash-escaped (a client's
+    parameter names may hold line breaks or characters that HTTP headers cannot carry)."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in escaped)
 
 
 def _read_body(limit: int) -> bytes:
@@ -308,13 +382,31 @@ def _read_body(limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = request.stream.read(min(READ_CHUNK_BYTES, limit + 1 - size))
+        chunk = _read_chunk(min(READ_CHUNK_BYTES, limit + 1 - size))
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
     check_body_size(size, limit)
     return b"".join(chunks)
+
+
+def _read_chunk(size: int) -> bytes:
+    """Up to ``size`` bytes of the body; a body whose framing is broken is a 400."""
+    try:
+        return request.stream.read(size)
+    except OSError as error:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, NoMoreData ...
+        _flag_broken_framing()
+        detail = str(error) or "the connection ended before the body did"
+        raise BadRequestError(f"request body could not be read: {type(error).__name__}: "
+                              f"{detail}") from None
+
+
+def _flag_broken_framing() -> None:
+    try:
+        setattr(request.environ["wsgi.input"], BROKEN_FRAMING_FLAG, True)
+    except (KeyError, AttributeError):  # another WSGI server: it decides about the connection
+        pass
 
 
 @dataclass(frozen=True)
@@ -338,11 +430,12 @@ class _Call:
 
 def _generate(call: _Call) -> Response:
     handles = _submit_all(call)
+    prompts = list(call.invocation.prompts)
     if call.invocation.stream:
         handle = handles[0]
-        frames = _generation_frames(call, handle)
+        frames = _generation_frames(call, handle, prompts[0])
         return _stream(frames, handle, call.invocation.output_formatter)
-    results = _collect(handles, call.client, call.timeout_s)
+    results = _collect(handles, prompts, call.client, call.timeout_s)
     return _json(format_response(call.invocation, results))
 
 
@@ -358,11 +451,11 @@ def _submit_all(call: _Call) -> list[RequestHandle]:
     return handles
 
 
-def _submit(call: _Call, prompt: str | list[int], index: int) -> RequestHandle:
+def _submit(call: _Call, prompt: str, index: int) -> RequestHandle:
     try:
-        if call.chat_prompts is not None and isinstance(prompt, str):
-            return call.engine.submit(call.chat_prompts.token_ids(({"role": "user", "content": prompt},)),
-                                      call.params)
+        if call.chat_prompts is not None:
+            rendered = call.chat_prompts.render(({"role": "user", "content": prompt},))
+            return call.engine.submit(rendered, call.params, add_special_tokens=False)
         return call.engine.submit(prompt, call.params)
     except BadRequestError as error:
         if not call.invocation.is_batch:
@@ -370,8 +463,10 @@ def _submit(call: _Call, prompt: str | list[int], index: int) -> RequestHandle:
         raise BadRequestError(f"inputs[{index}]: {error.message}") from None
 
 
-def _generation_frames(call: _Call, handle: RequestHandle) -> Iterator[bytes]:
-    result = GenerationResult(prompt=handle.prompt)
+def _generation_frames(call: _Call, handle: RequestHandle, prompt: str) -> Iterator[bytes]:
+    """LMI stream frames; ``prompt`` (what the client sent, also when a chat template rendered
+    it) is what ``return_full_text`` and ``details.inputs`` report, as in a whole response."""
+    result = GenerationResult(prompt=prompt)
 
     def to_frame(token: TokenOutput) -> bytes:
         result.tokens.append(token)
@@ -408,7 +503,7 @@ def _stream(frames: Iterator[bytes], handle: RequestHandle, output_formatter: st
     response = Response(frames, content_type=content_type(output_formatter))
     # NOTE: the WSGI server closes the response when the client goes away (a write fails) or the
     # stream ends; closing aborts a request still running, even one whose stream never started.
-    response.call_on_close(handle.abort)
+    response.call_on_close(lambda: handle.abort(AbortReason.CLIENT_DISCONNECTED))
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # a proxy must not hold tokens back
     return response
@@ -418,12 +513,13 @@ def _stream(frames: Iterator[bytes], handle: RequestHandle, output_formatter: st
 
 
 def _chat(call: _Call, chat_prompts: ChatPrompts, model: str) -> Response:
-    handle = call.engine.submit(chat_prompts.token_ids(call.invocation.messages), call.params)
+    rendered = chat_prompts.render(call.invocation.messages)
+    handle = call.engine.submit(rendered, call.params, add_special_tokens=False)
     header = _ChatHeader(model=model, request_id=f"chatcmpl-{uuid.uuid4().hex}",
                          created=int(time.time()))
     if call.invocation.stream:
         return _stream(_chat_frames(call, handle, header), handle, call.invocation.output_formatter)
-    result = _collect([handle], call.client, call.timeout_s)[0]
+    result = _collect([handle], [rendered], call.client, call.timeout_s)[0]
     return _json(format_chat_completion(
         result, model=header.model, request_id=header.request_id, created=header.created,
         num_prompt_tokens=handle.num_prompt_tokens, logprobs=call.params.details))

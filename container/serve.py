@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
 from djl_like.config import DEFAULT_MODEL_DIR, ServingConfig, load_config
@@ -34,6 +38,10 @@ MIN_THREADS, MAX_THREADS = 64, 1024
 # every second whatever the requests do; a worker that misses minutes of check-ins is hung.
 WORKER_HEARTBEAT_TIMEOUT_S = 300
 GRACEFUL_SHUTDOWN_S = 30
+# After SIGTERM the worker drains (new requests 503, requests in flight finish) for at most this
+# long, then fails what is left with 503 and exits before gunicorn's SIGKILL at the graceful
+# timeout: the margin writes those last responses.
+DRAIN_TIMEOUT_S = GRACEFUL_SHUTDOWN_S - 5
 CONFIG_ERROR_EXIT = 2
 _OPTIONAL_SETTINGS = frozenset({"control_socket_disable"})
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -81,16 +89,101 @@ def _stop_on_config_error(loader) -> None:
 
 
 class PromptShutdownThreadWorker(ThreadWorker):
-    """gunicorn's gthread worker, with a graceful shutdown that ends on time.
+    """gunicorn's gthread worker, with a draining shutdown that ends on time and JSON errors.
 
-    NOTE: after SIGTERM, gunicorn 26's gthread worker waits for socket events for the whole
+    SIGTERM starts the app's ``Drain`` instead of stopping at once: the worker keeps accepting
+    connections, so a request arriving during the drain is answered 503 (gunicorn's own stop
+    would leave it queued, then reset), and stops once the admitted requests are done or
+    ``DRAIN_TIMEOUT_S`` has passed.
+
+    NOTE: after it stops, gunicorn 26's gthread worker waits for socket events for the whole
     graceful timeout in one call and closes expired idle keep-alive connections only after it:
     one idle client (load balancers keep connections open) holds every stop for 30 s. Waiting
     at most a second at a time lets idle connections expire after their keep-alive time.
     """
 
+    _drain_deadline: float | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        drain = self._drain()
+        if drain is None or self._drain_deadline is not None:
+            super().handle_exit(sig, frame)
+            return
+        drain.begin()
+        self._drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        self.cfg.set("keepalive", 0)  # every response from now on closes its connection
+        self.method_queue.defer(lambda: None)  # wake the loop
+
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         super().wait_for_and_dispatch_events(min(timeout, 1.0))
+        if self.alive and self._drain_deadline is not None:
+            self._check_drain()
+
+    def _check_drain(self) -> None:
+        drain = self._drain()
+        timed_out = time.monotonic() >= self._drain_deadline
+        if drain.num_in_flight and not timed_out:
+            return
+        if timed_out:
+            self.log.warning("drain timeout (%d s): failing %d requests still in flight",
+                             DRAIN_TIMEOUT_S, drain.num_in_flight)
+        drain.end()
+        self.alive = False
+        for connection in self.keepalived_conns:
+            connection.timeout = 0  # idle keep-alive connections: close at once
+
+    def _drain(self):
+        extensions = getattr(getattr(self, "wsgi", None), "extensions", {})
+        return extensions.get("lmi_drain")
+
+    def handle_request(self, req, conn):
+        from container.app import BROKEN_FRAMING_FLAG  # NOTE: loaded already, in the worker
+
+        keepalive = super().handle_request(req, conn)
+        # A body whose framing broke leaves bytes that are no request: close, never parse them.
+        return keepalive and not getattr(req.body, BROKEN_FRAMING_FLAG, False)
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        """Answer a request gunicorn could not parse in the JSON error shape, not HTML."""
+        status, kind = _protocol_error(exc)
+        if status == 500:
+            self.log.exception("error handling request")
+            message = "unexpected error while reading the request"
+        else:
+            self.log.warning("invalid request from %s: %s", (addr or ("",))[0], exc)
+            message = f"{type(exc).__name__}: {exc}"
+        body = json.dumps({"code": status, "type": kind, "message": message}).encode()
+        head = (f"HTTP/1.1 {status} {kind}\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        try:
+            gunicorn_util.write_nonblock(client, head.encode("latin-1") + body)
+        except Exception:  # noqa: BLE001 - the client may be gone already
+            self.log.debug("failed to send the error response")
+
+
+# gunicorn's parse errors that are not a plain 400, as gunicorn itself answers them (by name:
+# older gunicorn versions lack some of them).
+_PROTOCOL_ERROR_STATUS = tuple(
+    (error_class, status, kind)
+    for name, status, kind in (
+        ("LimitRequestHeaders", 431, "RequestHeaderFieldsTooLarge"),
+        ("ExpectationFailed", 417, "ExpectationFailed"),
+        ("UnsupportedTransferCoding", 501, "NotImplemented"),
+        ("ForbiddenProxyRequest", 403, "Forbidden"),
+        ("ConfigurationProblem", 500, "InternalServerError"),
+    )
+    if (error_class := getattr(http_errors, name, None)) is not None
+)
+
+
+def _protocol_error(exc: BaseException) -> tuple[int, str]:
+    """(status, error type) of an exception gunicorn raised before the app saw the request."""
+    for error_class, status, kind in _PROTOCOL_ERROR_STATUS:
+        if isinstance(exc, error_class):
+            return status, kind
+    if isinstance(exc, http_errors.ParseException):
+        return 400, "BadRequest"
+    return 500, "InternalServerError"
 
 
 def main(argv: list[str] | None = None) -> None:

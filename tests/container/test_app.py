@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -116,7 +117,8 @@ def test_request_waiting_past_predict_timeout_is_a_504_and_leaves_the_queue(tiny
         response = requests.post(url + "/invocations", json={"inputs": "hi"}, timeout=30)
         assert response.status_code == 504
         assert response.json()["type"] == "RequestTimeout"
-        assert "predict_timeout" in response.json()["message"]
+        assert response.json()["message"] == ("no result within option.predict_timeout (1 s); "
+                                              "the request was aborted")
         assert time.monotonic() - started < 10
         deadline = time.monotonic() + 5
         while requests.get(url + "/stats", timeout=10).json()["waiting"] and (
@@ -125,6 +127,7 @@ def test_request_waiting_past_predict_timeout_is_a_504_and_leaves_the_queue(tiny
         stats = requests.get(url + "/stats", timeout=10).json()
         assert stats["waiting"] == 0
         assert stats["requests_finished"] == {"abort": 1}
+        assert stats["requests_aborted"] == {"timeout": 1}
         app.extensions["lmi_engine_loader"].engine().shutdown()
 
 
@@ -135,3 +138,27 @@ def test_get_on_a_post_route_is_a_json_405(tiny_llama, route):
         response = requests.get(url + route, timeout=10)
         assert response.status_code == 405
         assert response.json()["code"] == 405
+
+
+def test_draining_refuses_new_requests_and_ending_fails_those_left(tiny_llama):
+    # A dynamic batch of 4 that waits 30 s to fill: a lone request stays in flight until ended.
+    config = ServingConfig(model_dir=str(tiny_llama), strategy=Strategy.DYNAMIC, batch_size=4,
+                           max_batch_delay_ms=30_000, device="cpu")
+    app = create_app(config, str(tiny_llama))
+    drain = app.extensions["lmi_drain"]
+    with serving(app) as url, ThreadPoolExecutor(1) as pool:
+        assert wait_for_status(url, 200).status_code == 200
+        in_flight = pool.submit(requests.post, url + "/invocations", json={"inputs": "hi"}, timeout=60)
+        deadline = time.monotonic() + 10
+        while drain.num_in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        drain.begin()  # what the gunicorn worker does on SIGTERM
+        assert ping(url).status_code == 503 and ping(url).json() == {"status": "draining"}
+        refused = requests.post(url + "/invocations", json={"inputs": "hi"}, timeout=10)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["message"]
+        assert requests.get(url + "/stats", timeout=10).status_code == 200  # still observable
+        assert drain.num_in_flight == 1
+        drain.end()  # the drain's time is up
+        cut = in_flight.result(timeout=30)
+        assert cut.status_code == 503 and "shut down before this request finished" in cut.json()["message"]
+        assert drain.num_in_flight == 0

@@ -287,6 +287,18 @@ def test_apply_chat_template_answers_plain_inputs_as_a_user_message(dynamic_serv
     assert plain.json()["generated_text"] == chat.json()["choices"][0]["message"]["content"]
 
 
+def test_templated_prompt_reports_the_same_inputs_and_full_text_streamed_or_not(dynamic_server):
+    question = "What is the capital of France?"
+    request = greedy(question, 6, details=True, return_full_text=True)
+    whole = invoke(dynamic_server, {**request, "stream": False}).json()
+    events = stream_events(invoke(dynamic_server, request, stream=True), "sse")
+    generated = "".join(event["token"]["text"] for event in events)
+    assert whole["generated_text"] == question + generated
+    assert events[-1]["generated_text"] == whole["generated_text"]
+    assert events[-1]["details"]["inputs"] == whole["details"]["inputs"] == question
+    assert events[-1]["details"]["prompt_tokens"] == whole["details"]["prompt_tokens"]
+
+
 def test_chat_route_refuses_a_generation_body(paged_server):
     response = requests.post(paged_server.url + "/v1/chat/completions", json={"inputs": "hi"},
                              timeout=30)
@@ -298,6 +310,109 @@ def test_unknown_route_is_a_json_404(paged_server):
     response = requests.get(paged_server.url + "/nowhere", timeout=10)
     assert response.status_code == 404
     assert response.json()["code"] == 404
+
+
+SURROGATE_BODIES = [
+    pytest.param("/invocations", rb'{"inputs": "abc \ud800 def"}', "inputs is not valid Unicode",
+                 id="inputs"),
+    pytest.param("/invocations", rb'{"inputs": ["fine", "x \udfff"]}', "inputs[1] is not valid Unicode",
+                 id="list-element"),
+    pytest.param("/invocations", rb'{"messages": [{"role": "user", "content": "hi \ud800"}]}',
+                 "messages[0].content is not valid Unicode", id="chat-content"),
+    pytest.param("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "hi \ud800"}]}',
+                 "messages[0].content is not valid Unicode", id="chat-route"),
+    pytest.param("/v1/chat/completions",
+                 rb'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\udbff"]}',
+                 "stop[0] is not valid Unicode", id="chat-route-stop"),
+]
+
+
+@pytest.mark.parametrize(("route", "raw", "named"), SURROGATE_BODIES)
+def test_lone_surrogate_is_a_400_naming_the_field_on_every_route(paged_server, route, raw, named):
+    response = requests.post(paged_server.url + route, data=raw, timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "BadRequest"
+    assert named in response.json()["message"] and "lone surrogate" in response.json()["message"]
+    assert_still_serving(paged_server)
+
+
+def raw_exchange(server, data: bytes, *, end_input: bool = False, timeout: float = 10) -> bytes:
+    """Send raw bytes on a new connection and read until the server closes it (``end_input``
+    closes the sending side first, for bodies that stop short)."""
+    address = urlparse(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=timeout) as client:
+        client.sendall(data)
+        if end_input:
+            client.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+    return received
+
+
+def json_error(reply: bytes) -> tuple[int, dict]:
+    """(status, JSON body) of the first response in ``reply``."""
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    headers = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+    assert headers[b"Content-Type"].strip().startswith(b"application/json"), reply
+    length = int(headers[b"Content-Length"])
+    return status, json.loads(rest[:length])
+
+
+CHUNKED_POST = (b"POST /invocations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+@pytest.mark.parametrize(("body", "end_input", "named"), [
+    pytest.param(b"zz\r\n{}\r\n0\r\n\r\n", False, "InvalidChunkSize", id="chunk-size-zz"),
+    pytest.param(b"2\r\n{}XX0\r\n\r\n", False, "ChunkMissingTerminator", id="no-terminator"),
+    pytest.param(b"10\r\n{\"inputs\"", True, "NoMoreData", id="ends-mid-chunk"),
+])
+def test_malformed_chunked_body_is_a_json_400_and_closes_the_connection(paged_server, body,
+                                                                          end_input, named):
+    # A request hidden after the broken framing must not be served from the same connection.
+    smuggled = b"GET /stats HTTP/1.1\r\nHost: test\r\n\r\n"
+    reply = raw_exchange(paged_server, CHUNKED_POST + body + (b"" if end_input else smuggled),
+                         end_input=end_input)
+    status, error = json_error(reply)
+    assert status == 400 and error["type"] == "BadRequest", error
+    assert "request body could not be read" in error["message"] and named in error["message"]
+    assert reply.count(b"HTTP/1.1 ") == 1, reply
+    assert_still_serving(paged_server)
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    pytest.param(b"GARBAGE\r\n\r\n", 400, id="request-line"),
+    pytest.param(b"POST /invocations HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n{}", 400,
+                 id="content-length"),
+    pytest.param(b"GET /ping HTTP/1.1\r\nHost: t\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", 431,
+                 id="too-many-headers"),
+])
+def test_protocol_errors_gunicorn_answers_itself_are_json(paged_server, request_bytes, status):
+    reply = raw_exchange(paged_server, request_bytes)
+    got, error = json_error(reply)
+    assert got == status == error["code"], reply
+    assert error["message"]
+    assert b"<html>" not in reply
+    assert_still_serving(paged_server)
+
+
+def test_unknown_parameter_names_that_headers_cannot_carry_are_escaped(paged_server):
+    response = invoke(paged_server, {"inputs": "hi", "parameters": {
+        "max_new_tokens": 1, "bad\r\nX-Injected: 1": True, "東京": 2}})
+    assert response.status_code == 200, response.text
+    assert "X-Injected" not in response.headers
+    assert response.headers[IGNORED_HEADER] == "bad\\x0d\\x0aX-Injected: 1, \\u6771\\u4eac"
+
+
+def test_stop_sequences_over_the_limits_are_a_400(paged_server):
+    many = invoke(paged_server, {"inputs": "hi", "parameters": {"stop": ["s"] * 50_000}})
+    long = invoke(paged_server, {"inputs": "hi", "parameters": {"stop_sequences": ["x" * 300_000]}})
+    assert (many.status_code, long.status_code) == (400, 400)
+    assert "50000 stop sequences, over the limit of 16" in many.json()["message"]
+    assert "at most 256" in long.json()["message"]
 
 
 # --- streaming under each strategy ---------------------------------------------------------------
@@ -369,8 +484,12 @@ def _kv_released(server, aborts_before: int) -> dict | None:
     return current if released else None
 
 
+def _disconnects(server) -> int:
+    return stats(server)["requests_aborted"].get("client_disconnected", 0)
+
+
 def test_client_leaving_a_stream_frees_its_sequence(rolling_server):
-    aborts_before = _abort_count(rolling_server)
+    aborts_before, disconnects_before = _abort_count(rolling_server), _disconnects(rolling_server)
     long_request = {**greedy("Once upon a time", LONG_CONTEXT - 100), "stream": True}
     with ThreadPoolExecutor(1) as pool:
         response = invoke(rolling_server, long_request, stream=True)
@@ -383,10 +502,11 @@ def test_client_leaving_a_stream_frees_its_sequence(rolling_server):
     assert finished.status_code == 200
     assert finished.json()["details"]["generated_tokens"] == 20
     assert wait_until(lambda: _kv_released(rolling_server, aborts_before)), stats(rolling_server)
+    assert _disconnects(rolling_server) == disconnects_before + 1
 
 
 def test_client_leaving_a_whole_response_request_frees_its_sequence(rolling_server):
-    aborts_before = _abort_count(rolling_server)
+    aborts_before, disconnects_before = _abort_count(rolling_server), _disconnects(rolling_server)
     body = json.dumps(greedy("Once upon a time", LONG_CONTEXT - 100)).encode()
     address = urlparse(rolling_server.url)
     with socket.create_connection((address.hostname, address.port), timeout=10) as client:
@@ -395,23 +515,39 @@ def test_client_leaving_a_whole_response_request_frees_its_sequence(rolling_serv
                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert wait_until(lambda: stats(rolling_server)["running"] == 1, timeout=10)
     assert wait_until(lambda: _kv_released(rolling_server, aborts_before)), stats(rolling_server)
+    assert _disconnects(rolling_server) == disconnects_before + 1
     assert_still_serving(rolling_server)
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_exits(tiny_llama, tmp_path):
+def _ping_status(server) -> int:
+    return requests.get(server.url + "/ping", timeout=10).status_code
+
+
+def test_sigterm_refuses_new_requests_while_the_ones_in_flight_finish_then_exits(tiny_llama, tmp_path):
     folder = model_folder(tmp_path, tiny_llama, {"option.rolling_batch": "auto"},
                           {"max_position_embeddings": LONG_CONTEXT})
     server = start_server(folder, QUIET_ENV)
-    with server, requests.Session() as idle_client, ThreadPoolExecutor(1) as pool:
+    with server, requests.Session() as idle_client, ThreadPoolExecutor(2) as pool:
         # An idle keep-alive connection, as load balancers hold, must not delay the exit.
         assert idle_client.get(server.url + "/ping", timeout=10).status_code == 200
-        in_flight = pool.submit(invoke, server, greedy("Once upon a time", 2000, details=True))
-        assert wait_until(lambda: stats(server)["running"] == 1, timeout=10)
+        in_flight = pool.submit(invoke, server, greedy("Once upon a time", 3000, details=True))
+        streaming = pool.submit(lambda: stream_events(invoke(
+            server, {**greedy("A stream", 2500), "stream": True}, stream=True), "jsonlines"))
+        assert wait_until(lambda: stats(server)["running"] == 2, timeout=10)
         server.process.terminate()  # what docker stop and SageMaker send
+        assert wait_until(lambda: _ping_status(server) == 503, timeout=5)
+        assert requests.get(server.url + "/ping", timeout=10).json() == {"status": "draining"}
+        started = time.monotonic()
+        refused = invoke(server, greedy("Too late", 5))
+        assert refused.status_code == 503 and time.monotonic() - started < 2
+        assert refused.json()["type"] == "ServiceUnavailable"
+        assert "shutting down" in refused.json()["message"]
+        assert not in_flight.done()  # the 503 did not wait for the drain
         response = in_flight.result(timeout=60)
         assert response.status_code == 200
-        assert response.json()["details"]["generated_tokens"] == 2000
-        assert server.process.wait(timeout=15) == 0  # gunicorn's graceful timeout is 30 s
+        assert response.json()["details"]["generated_tokens"] == 3000
+        assert len(streaming.result(timeout=60)) == 2500
+        assert server.process.wait(timeout=15) == 0  # the drain limit is 25 s
 
 
 def test_sagemaker_bind_to_port_chooses_the_port(tiny_llama, tmp_path):
