@@ -39,6 +39,7 @@ RUN groupadd --gid 10001 lmi \
 WORKDIR /tmp/lmi-batching
 COPY pyproject.toml constraints.txt ./
 COPY djl_like ./djl_like
+COPY djl_python ./djl_python
 COPY kernels ./kernels
 COPY batching ./batching
 COPY container ./container
