@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from batching.engine import Engine, RequestHandle
 from batching.offline import create_engine
+from container.modes import create_mode_app
 from djl_like.config import ServingConfig
 from djl_like.errors import (BadRequestError, ConfigError, LmiError, RequestTimeoutError,
                              ServiceUnavailableError)
@@ -52,8 +53,12 @@ def create_app(
     """Build the app and start loading the model in a background thread.
 
     ``engine_factory(config, model_path)`` returns an engine that is not started yet; it runs in
-    the loader thread, so the app answers ``/ping`` (503) while it loads.
+    the loader thread, so the app answers ``/ping`` (503) while it loads. A custom handler or a
+    text-embedding model gets its own app (``container.modes``).
     """
+    mode_app = create_mode_app(config, model_path)
+    if mode_app is not None:
+        return mode_app
     loader = EngineLoader(config, model_path, engine_factory)
     loader.start()
     app = Flask(__name__)

@@ -134,7 +134,7 @@ def member_outputs(output: Output, batch_size: int) -> list[Output]:
     when content is not keyed by member or a member got nothing.
     """
     if batch_size == 1:
-        return [output]
+        return [_single(output)]
     if output.stream_content is not None:
         raise BatchOutputError(f"handle returned stream content for a batch of {batch_size} requests; "
                                "streaming needs batch_size=1")
@@ -153,6 +153,17 @@ def member_outputs(output: Output, batch_size: int) -> list[Output]:
         raise BatchOutputError(f"handle's Output for a batch of {batch_size} requests has no content for "
                                f"batch member(s) {missing}")
     return members
+
+
+def _single(output: Output) -> Output:
+    """A lone request's output, with what a batch-aware handler keyed as member 0 unkeyed."""
+    single = _member_shell(output, 0)
+    for key, value in output.content:
+        found = _MEMBER_CONTENT_KEY.fullmatch(key or "")
+        single.content.add((found[2] or None) if found and found[1].lstrip("0") == "" else key, value)
+    single.stream_content = output.stream_content
+    single.stream_output_formatter = output.stream_output_formatter
+    return single
 
 
 def _member_shell(output: Output, index: int) -> Output:

@@ -124,3 +124,13 @@ def test_stream_chunks_use_lmi_default_formatter_or_none():
     assert list(streamed.stream_chunks()) == [b'{"outputs":"a"}\n', b'{"outputs":"b"}\n']
     raw = Output().add_stream_content(["x", b"y", {"z": 1}], output_formatter=None)
     assert list(raw.stream_chunks()) == [b"x", b"y", b'{"z":1}']
+
+
+def test_a_lone_request_of_a_batch_aware_handler_is_unkeyed():
+    output = Output().add_as_json({"ok": 1}, batch_index=0).add_property("batch_0_Content-Type", "application/x")
+    (single,) = member_outputs(output, 1)
+    assert json.loads(single.body) == {"ok": 1}
+    assert single.get_properties() == {"Content-Type": "application/x"}
+    plain = Output().add("text").add_property("X-A", "1")
+    assert member_outputs(plain, 1)[0].body == b"text"
+    assert member_outputs(plain, 1)[0].get_property("x-a") == "1"
