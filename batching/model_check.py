@@ -82,6 +82,24 @@ def probe_tokens(model, length: int, seed: int) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
 
+def check_tensor_parallel_plan(config, world_size: int) -> None:
+    """Refuse tensor parallelism for a model type without a transformers tensor-parallel plan, or
+    whose heads do not divide among the ranks."""
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if not getattr(config, "base_model_tp_plan", None):
+        raise UnsupportedModelError(
+            f"option.tensor_parallel_degree={world_size}: model type {model_type!r} has no tensor-parallel plan "
+            "in transformers, so it cannot be sharded; serve it with option.tensor_parallel_degree=1")
+    text = config.get_text_config()
+    heads = {"attention heads": getattr(text, "num_attention_heads", None),
+             "KV heads": getattr(text, "num_key_value_heads", None)}
+    for name, count in heads.items():
+        if count and count % world_size:
+            raise UnsupportedModelError(
+                f"option.tensor_parallel_degree={world_size}: model type {model_type!r} has {count} {name}, "
+                f"which do not divide among {world_size} ranks; pick a degree that divides {count}")
+
+
 def discover_layers(model) -> list[LayerSpec]:
     """Every attention layer as the model computes it, ordered by ``layer_idx``."""
     if not getattr(model, "_supports_attention_backend", False):
@@ -151,7 +169,7 @@ def verify(runner) -> None:
                             f"({type(error).__name__}: {error})") from error
     blocks_needed = [-(-seq.num_tokens // PROBE_BLOCK_SIZE) for seq in sequences]
     order = torch.randperm(sum(blocks_needed) + 2, generator=torch.Generator().manual_seed(0)).tolist()
-    runner.allocate_kv_cache(len(order), PROBE_BLOCK_SIZE)
+    runner.allocate_local_kv_cache(len(order), PROBE_BLOCK_SIZE)
     try:
         for seq, count in zip(sequences, blocks_needed):
             seq.block_table, order = order[:count], order[count:]

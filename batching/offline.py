@@ -8,7 +8,7 @@ from batching.engine import Engine
 from batching.registry import batcher_class, is_contiguous
 from batching.runner import ModelRunner
 from batching.scheduler import SchedulerConfig
-from djl_like.config import ServingConfig, Strategy
+from djl_like.config import ALL_DEVICES, ServingConfig, Strategy
 from djl_like.errors import ConfigError
 from djl_like.protocol import GenerationParams, GenerationResult
 
@@ -17,20 +17,33 @@ logger = logging.getLogger(__name__)
 
 def create_engine(config: ServingConfig, model_path: str, runner: ModelRunner | None = None) -> Engine:
     """Load the model (unless a runner is given), size the KV cache and build the batcher."""
-    if config.tensor_parallel_degree != 1:
-        raise ConfigError(f"option.tensor_parallel_degree={config.tensor_parallel_degree} is not supported yet; "
-                          "use 1 (one device per model copy)")
     if config.entry_point:
         raise ConfigError(f"option.entryPoint={config.entry_point!r}: custom model.py handlers are not supported yet; "
                           "remove the key to use the built-in text-generation handler")
     if config.task not in (None, "text-generation"):
         raise ConfigError(f"option.task={config.task!r} is not supported yet; only text-generation is served")
     runner = runner or ModelRunner(model_path, dtype=config.dtype, device=config.device,
-                                   trust_remote_code=config.trust_remote_code, revision=config.revision)
+                                   trust_remote_code=config.trust_remote_code, revision=config.revision,
+                                   tensor_parallel_degree=tensor_parallel_degree(config))
     scheduler_config = size_kv_cache(config, runner)
     batcher = batcher_class(config.strategy.value)(scheduler_config)
     logger.info("strategy %s: %s", config.strategy.value, scheduler_config)
     return Engine(runner, batcher, job_queue_size=config.job_queue_size)
+
+
+def tensor_parallel_degree(config: ServingConfig) -> int:
+    """``option.tensor_parallel_degree``, with ``max`` resolved to the visible GPUs."""
+    import torch
+
+    degree = config.tensor_parallel_degree
+    if degree == ALL_DEVICES:
+        degree = torch.cuda.device_count() if config.device != "cpu" else 0
+        if degree == 0:
+            raise ConfigError("option.tensor_parallel_degree=max needs GPUs and none is visible; "
+                              "give a number of ranks (on CPU each rank is a process over the same cores)")
+    if degree > 1 and config.device != "cpu" and torch.cuda.is_available() and degree > torch.cuda.device_count():
+        raise ConfigError(f"option.tensor_parallel_degree={degree} exceeds the {torch.cuda.device_count()} visible GPUs")
+    return degree
 
 
 def size_kv_cache(config: ServingConfig, runner: ModelRunner) -> SchedulerConfig:

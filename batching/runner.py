@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching import model_check
+from batching import model_check, tensor_parallel
 from batching.scheduler import SchedulerOutput
 from kernels import attention
 from kernels.attention import LayerSpec
@@ -75,16 +75,45 @@ class ModelRunner:
     ``UnsupportedModelError`` otherwise); then ``allocate_kv_cache`` and ``execute`` each step."""
 
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None,
-                 trust_remote_code: bool = False, revision: str | None = None):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+                 trust_remote_code: bool = False, revision: str | None = None,
+                 tensor_parallel_degree: int = 1, group: "tensor_parallel.Group | None" = None):
+        """``tensor_parallel_degree > 1``: this process becomes rank 0 of a new group and starts the
+        other ranks; ``group``: this process is a rank of an existing group (batching.tensor_parallel)."""
+        from transformers import AutoConfig
 
         self.device = pick_device(device)
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
         self.dtype = pick_dtype(dtype, self.device, config)
         model_check.check_model_class(config)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=attention.register(),
-            trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
+        if tensor_parallel_degree > 1 or group is not None:
+            model_check.check_tensor_parallel_plan(config, group.world_size if group else tensor_parallel_degree)
+        if group is None and tensor_parallel_degree > 1:
+            group = tensor_parallel.start_leader(tensor_parallel_degree, model_path, dtype=dtype,
+                                                 device_type=self.device.type, trust_remote_code=trust_remote_code,
+                                                 revision=revision)
+        self.group = group
+        try:
+            self._load(model_path, config, trust_remote_code, revision)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, model_path: str, config, trust_remote_code: bool, revision: str | None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        if self.group is not None:
+            self.device = self.group.device
+            # transformers shards each layer by its own plan; attention then sees this rank's heads.
+            from transformers.distributed import DistributedConfig
+
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=self.dtype, attn_implementation=attention.register(),
+                distributed_config=DistributedConfig(tp_plan="auto", tp_size=self.group.world_size),
+                trust_remote_code=trust_remote_code, revision=revision).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=self.dtype, attn_implementation=attention.register(),
+                trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
         try:
             self.generation_config = GenerationConfig.from_pretrained(model_path)
@@ -128,7 +157,14 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """One (k, v) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim] (each layer
-        with its own KV heads and head size)."""
+        with its own KV heads and head size; under tensor parallelism, this rank's heads on every
+        rank of the group)."""
+        if isinstance(self.group, tensor_parallel.Leader):
+            self.group.send_allocate(num_blocks, block_size)
+        self.allocate_local_kv_cache(num_blocks, block_size)
+
+    def allocate_local_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """``allocate_kv_cache`` on this rank only."""
         self.release_kv_cache()
         self.kv_caches = []
         for layer in self.layout.layers:
@@ -147,7 +183,14 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
         """Run the packed batch; logits [num sampling sequences, vocab] in float32."""
         inputs = self.prepare_step(batch)
+        if isinstance(self.group, tensor_parallel.Leader):
+            self.group.send_step(*inputs.to_broadcast())
         return self.forward(inputs, inputs.logits_indices)
+
+    def close(self) -> None:
+        """Stop the other ranks of this runner's tensor-parallel group (rank 0 only)."""
+        if isinstance(self.group, tensor_parallel.Leader):
+            self.group.close()
 
     @torch.inference_mode()
     def forward(self, inputs: "StepInputs", logits_indices: torch.Tensor) -> torch.Tensor:
@@ -202,3 +245,32 @@ class StepInputs:
     position_ids: torch.Tensor  # [1, T]
     logits_indices: torch.Tensor  # [num sampling sequences]
     metadata: attention.AttentionMetadata
+
+    def to_broadcast(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The step as tensors for the other ranks of a group, and the header giving their shapes."""
+        meta = self.metadata
+        cu_seqlens = torch.tensor(meta.cu_seqlens_q, dtype=torch.long)
+        tensors = [self.input_ids, self.position_ids, self.logits_indices, meta.slot_mapping,
+                   meta.block_tables, meta.context_lens, cu_seqlens]
+        header = [self.input_ids.shape[1], meta.block_tables.shape[0], meta.block_tables.shape[1],
+                  self.logits_indices.shape[0], meta.num_decodes]
+        return tensors, header
+
+    @classmethod
+    def receive(cls, group, header: list[int], runner: "ModelRunner") -> "StepInputs":
+        """The step rank 0 broadcast (``to_broadcast``), on another rank of the group."""
+        num_tokens, num_seqs, max_blocks, num_logits, num_decodes = header
+        device = runner.device
+
+        def receive(shape, dtype):
+            return group.broadcast(torch.empty(shape, dtype=dtype, device=device))
+
+        input_ids, position_ids = receive((1, num_tokens), torch.long), receive((1, num_tokens), torch.long)
+        logits_indices, slot_mapping = receive((num_logits,), torch.long), receive((num_tokens,), torch.long)
+        block_tables, context_lens = receive((num_seqs, max_blocks), torch.int32), receive((num_seqs,), torch.int32)
+        cu_seqlens = receive((num_seqs + 1,), torch.long).tolist()
+        meta = attention.AttentionMetadata(
+            slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
+            cu_seqlens_q=cu_seqlens, context_lens_host=context_lens.tolist(), num_decodes=num_decodes,
+            kv_caches=runner.kv_caches, backend=runner.backend)
+        return cls(input_ids, position_ids, logits_indices, meta)
