@@ -91,7 +91,9 @@ class LLM:
         return parse_invocation(body, max_model_len=self.engine.batcher.config.max_model_len).params
 
     def close(self) -> None:
+        """Stop the engine thread and, under tensor parallelism, the other ranks."""
         self.engine.shutdown()
+        self.engine.runner.close()
 
     def __enter__(self) -> "LLM":
         return self

@@ -20,13 +20,14 @@ PROMPTS = ("The future of artificial intelligence is",
            "Write a short story about a robot who learns to paint. Once upon a time,")
 
 
-def probe(model: str, dtype: str, sequences: int, new_tokens: int, strategy: str) -> tuple[float, str]:
+def probe(model: str, dtype: str, sequences: int, new_tokens: int, strategy: str,
+          tensor_parallel_degree: int = 1) -> tuple[float, str]:
     """Output tokens/s of one generate() over ``sequences`` prompts, and a sample answer."""
     strategy_keys = {"dynamic": {"batch_size": sequences, "max_batch_delay": 0},
                      "rolling": {"rolling_batch": "auto", "paged_attention": False},
                      "paged": {"rolling_batch": "auto", "paged_attention": True}}[strategy]
     with LLM(model, dtype=dtype, device="cpu", max_model_len=336, max_kv_cache_tokens=336 * (sequences + 2),
-             max_rolling_batch_size=sequences, **strategy_keys) as llm:
+             max_rolling_batch_size=sequences, tensor_parallel_degree=tensor_parallel_degree, **strategy_keys) as llm:
         llm.generate(list(PROMPTS), {"max_new_tokens": 2, "ignore_eos": True}, use_tqdm=False)  # warm-up
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
         start = time.perf_counter()
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequences", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--strategy", default="paged", choices=("dynamic", "rolling", "paged"))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (with --tensor-parallel-degree N, each rank takes cores // N)")
+    parser.add_argument("--tensor-parallel-degree", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model is None:
@@ -51,9 +54,11 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = default_model_path()
     for dtype in args.dtypes.split(","):
-        tokens_per_s, sample = probe(args.model, dtype, args.sequences, args.new_tokens, args.strategy)
-        print(f"{dtype}: {tokens_per_s:.0f} output tok/s ({args.sequences} x {args.new_tokens} tokens, "
-              f"{args.strategy}, {args.threads} thread(s)); greedy sample: {sample!r}", flush=True)
+        tokens_per_s, sample = probe(args.model, dtype, args.sequences, args.new_tokens, args.strategy,
+                                     args.tensor_parallel_degree)
+        print(f"{dtype}: {tokens_per_s:.0f} output tok/s, {1000 * args.sequences / tokens_per_s:.1f} ms/step "
+              f"({args.sequences} x {args.new_tokens} tokens, {args.strategy}, {args.threads} thread(s), "
+              f"TP={args.tensor_parallel_degree}); greedy sample: {sample!r}", flush=True)
 
 
 if __name__ == "__main__":
