@@ -17,11 +17,13 @@ logger = logging.getLogger(__name__)
 
 def create_engine(config: ServingConfig, model_path: str, runner: ModelRunner | None = None) -> Engine:
     """Load the model (unless a runner is given), size the KV cache and build the batcher."""
+    # NOTE: serve routes these two to their own apps (container.modes) before an engine is built.
     if config.entry_point:
-        raise ConfigError(f"option.entryPoint={config.entry_point!r}: custom model.py handlers are not supported yet; "
-                          "remove the key to use the built-in text-generation handler")
+        raise ConfigError(f"option.entryPoint={config.entry_point!r}: this is the text-generation engine; `serve` "
+                          "calls custom handlers, which may build it with batching.handler_engine.HandlerEngine")
     if config.task not in (None, "text-generation"):
-        raise ConfigError(f"option.task={config.task!r} is not supported yet; only text-generation is served")
+        raise ConfigError(f"option.task={config.task!r}: this is the text-generation engine; `serve` serves "
+                          "text embedding with batching.embedding_engine")
     runner = runner or ModelRunner(model_path, dtype=config.dtype, device=config.device,
                                    trust_remote_code=config.trust_remote_code, revision=config.revision,
                                    tensor_parallel_degree=tensor_parallel_degree(config))
