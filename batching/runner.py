@@ -218,7 +218,7 @@ class ModelRunner:
         return StepInputs(
             input_ids=self._tensor([input_ids], torch.long),
             position_ids=self._tensor([positions], torch.long),
-            logits_indices=self._tensor(logits_indices or [0], torch.long),
+            logits_indices=self._tensor(logits_indices, torch.long),
             metadata=self._metadata(batch, slots, context_lens, cu_seqlens))
 
     def _metadata(self, batch, slots, context_lens, cu_seqlens) -> attention.AttentionMetadata:
