@@ -1,0 +1,54 @@
+"""``lmi-bench sweep``: the concurrency sweep against a real server, and the recommendation rule
+(largest level meeting the latency target, cut back where throughput stops growing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.compare import CompareSettings
+from benchmarks.sweep import LatencyTarget, format_sweep, plot_sweep, recommend, sweep
+
+
+def _point(concurrency, tok_s, tpot_p90, failed=0):
+    distribution = {"p90": tpot_p90, "p99": tpot_p90}
+    return {"concurrency": concurrency, "metrics": {
+        "output_throughput": tok_s, "failed": failed, "tpot_ms": distribution, "ttft_ms": distribution,
+        "itl_ms": distribution, "e2e_ms": distribution}}
+
+
+def test_recommendation_is_the_largest_level_meeting_the_target():
+    points = [_point(1, 20, 40), _point(2, 38, 45), _point(4, 70, 60), _point(8, 120, 110), _point(16, 150, 210)]
+    advice = recommend(points, LatencyTarget.parse("tpot_p90_ms<=150"))
+    assert advice["concurrency"] == 8 and "tpot_p90_ms <= 150" in advice["reason"]
+
+
+def test_recommendation_stops_where_throughput_stops_growing():
+    points = [_point(1, 20, 40), _point(2, 38, 45), _point(4, 39, 60), _point(8, 41, 110)]
+    advice = recommend(points, None)
+    assert advice["concurrency"] == 2 and "less than 5%" in advice["reason"]
+
+
+def test_no_level_meeting_the_target_is_said_so():
+    advice = recommend([_point(1, 20, 400)], LatencyTarget.parse("tpot_p90_ms<=100"))
+    assert advice["concurrency"] is None and "no level meets" in advice["reason"]
+
+
+@pytest.mark.parametrize("text", ["tpot<=100", "tpot_p90_ms<100", "tpot_p90_ms<=fast"])
+def test_a_malformed_target_names_the_metrics(text):
+    with pytest.raises(ValueError, match="METRIC<=MS with METRIC one of tpot_p90_ms"):
+        LatencyTarget.parse(text)
+
+
+@pytest.mark.slow
+def test_sweep_against_a_real_server(tiny_llama, tmp_path):
+    result = sweep(str(tiny_llama), "seed", strategies=["paged"], levels=[1, 3], requests_per_client=1,
+                   scale=0.05, target=LatencyTarget.parse("ttft_p90_ms<=60000"),
+                   settings=CompareSettings(dtype="fp32", torch_threads=1, progress=False))
+    [curve] = result["curves"]
+    assert [p["concurrency"] for p in curve["points"]] == [1, 3]
+    assert [p["metrics"]["completed"] for p in curve["points"]] == [1, 3]
+    assert all(p["metrics"]["failed"] == 0 and p["metrics"]["output_throughput"] > 0 for p in curve["points"])
+    assert curve["recommendation"]["concurrency"] in (1, 3)
+    assert "paged" in format_sweep(result)
+    [figure] = plot_sweep(result, tmp_path)
+    assert figure.stat().st_size > 10_000
