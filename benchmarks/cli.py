@@ -72,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", help="write the JSON result here")
     embed.add_argument("--markdown", action="store_true", help="print the table as Markdown")
 
+    swp = commands.add_parser("sweep", help="throughput against latency over concurrency levels, per strategy")
+    swp.add_argument("--model", help="model folder (default: the embedded default model)")
+    swp.add_argument("--workload", choices=list(WORKLOADS), default="seed")
+    swp.add_argument("--scale", type=float, default=1.0, help="multiply every output length by this")
+    swp.add_argument("--strategies", default="paged", help=f"comma-separated, from: {', '.join(comparison.STRATEGIES)}")
+    swp.add_argument("--levels", default="1,2,4,8,16,32,64", help="concurrency levels (comma-separated)")
+    swp.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each level")
+    swp.add_argument("--target", help="latency target, e.g. tpot_p90_ms<=150 (metrics: tpot/ttft/itl/e2e_p90_ms, "
+                                      "tpot/ttft_p99_ms)")
+    swp.add_argument("--torch-threads", type=int, help="CPU threads of every server (default: torch's)")
+    swp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    swp.add_argument("--seed", type=int, default=0)
+    swp.add_argument("--out", help="write the JSON result here")
+    swp.add_argument("--figures", help="also save the figure into this folder")
+    swp.add_argument("--no-progress", dest="progress", action="store_false")
+
     plot = commands.add_parser("plot", help="draw the figures of a saved comparison")
     plot.add_argument("results", help="a JSON file written by `lmi-bench compare --out`")
     plot.add_argument("--figures", required=True, help="folder for the PNG files")
@@ -122,6 +138,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from benchmarks import sweep
+
+    settings = comparison.CompareSettings(dtype=args.dtype, torch_threads=args.torch_threads, progress=args.progress)
+    target = sweep.LatencyTarget.parse(args.target) if args.target else None
+    levels = [int(level) for level in _split(args.levels)]
+    result = sweep.sweep(args.model, args.workload, strategies=_split(args.strategies), levels=levels,
+                         requests_per_client=args.requests_per_client, scale=args.scale, seed=args.seed,
+                         target=target, settings=settings, command=comparison.command_line(args.argv))
+    print(sweep.format_sweep(result))
+    if args.out:
+        comparison.save_results(result, args.out)
+    if args.figures:
+        for path in sweep.plot_sweep(result, args.figures):
+            print(f"wrote {path}")
+    failed = sum(p["metrics"]["failed"] for curve in result["curves"] for p in curve["points"])
+    return 1 if failed else 0
+
+
 def cmd_embeddings(args: argparse.Namespace) -> int:
     from benchmarks import embeddings
 
@@ -153,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the result, so every figure carries its exact command
-    handlers = {"run": cmd_run, "compare": cmd_compare, "embeddings": cmd_embeddings, "plot": cmd_plot}
+    handlers = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "embeddings": cmd_embeddings,
+                "plot": cmd_plot}
     # A terminated comparison still stops the servers it started (their `finally` blocks run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

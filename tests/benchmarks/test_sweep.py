@@ -52,3 +52,10 @@ def test_sweep_against_a_real_server(tiny_llama, tmp_path):
     assert "paged" in format_sweep(result)
     [figure] = plot_sweep(result, tmp_path)
     assert figure.stat().st_size > 10_000
+
+
+def test_sweep_command_refuses_a_malformed_target_with_exit_2(capsys):
+    from benchmarks import cli
+
+    assert cli.main(["sweep", "--target", "fast", "--levels", "1"]) == 2
+    assert "latency target 'fast'" in capsys.readouterr().err
