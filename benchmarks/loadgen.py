@@ -72,19 +72,39 @@ def request_body(spec: RequestSpec, stream: bool) -> dict:
                            "details": True}}
 
 
+@dataclass(frozen=True)
+class OpenAICompletions:
+    """Send requests as OpenAI ``/v1/completions`` (greedy, exact length through ``ignore_eos``,
+    which vLLM, llama.cpp and this server accept), streamed as SSE with a final usage chunk: the
+    one client every server of a side-by-side comparison speaks."""
+
+    model: str = "default"
+
+    def body(self, spec: RequestSpec, stream: bool) -> dict:
+        body = {"model": self.model, "prompt": spec.prompt, "max_tokens": spec.max_new_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
 def send_request(session: requests.Session, url: str, spec: RequestSpec, index: int, *,
                  stream: bool = True, timeout: float = 600.0, clock: Callable[[], float] = time.perf_counter,
-                 origin: float = 0.0) -> RequestResult:
-    """POST one request and record its timings; never raises for a failed request."""
+                 origin: float = 0.0, api: OpenAICompletions | None = None) -> RequestResult:
+    """POST one request (LMI ``/invocations``, or ``api``) and record its timings; never raises
+    for a failed request."""
     result = RequestResult(index=index, max_new_tokens=spec.max_new_tokens)
     start = clock()
     result.start = start - origin
+    route, body = ("/invocations", request_body(spec, stream)) if api is None else \
+        ("/v1/completions", api.body(spec, stream))
     try:
-        with session.post(url.rstrip("/") + "/invocations", json=request_body(spec, stream), stream=stream,
-                          timeout=timeout) as response:
+        with session.post(url.rstrip("/") + route, json=body, stream=stream, timeout=timeout) as response:
             result.status = response.status_code
             if response.status_code != 200:
                 _record_error_body(result, response.content)
+            elif api is not None:
+                _read_openai(result, response, stream, clock, start)
             elif stream:
                 _read_stream(result, response.iter_lines(), clock, start)
             else:
@@ -114,6 +134,45 @@ def _read_stream(result: RequestResult, lines: Iterable[bytes], clock: Callable[
         last = now
         result.output_tokens += 1
         _read_details(result, chunk)
+
+
+def _read_openai(result: RequestResult, response, stream: bool, clock: Callable[[], float], start: float) -> None:
+    """An OpenAI completion: SSE chunks (one or more tokens each; the usage chunk gives the
+    token counts), or one JSON object."""
+    if not stream:
+        payload = _parse_json(result, response.content)
+        if payload is not None:
+            _read_usage(result, payload)
+        return
+    last = None
+    for line in response.iter_lines():
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        chunk = _parse_json(result, data)
+        if chunk is None:
+            return
+        if "error" in chunk:
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+            result.error_type, result.error_message = str(error.get("type") or "StreamError"), str(error.get("message"))
+            return
+        _read_usage(result, chunk)
+        if any(choice.get("text") for choice in chunk.get("choices") or []):
+            now = clock()
+            if last is None:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            last = now
+
+
+def _read_usage(result: RequestResult, payload: dict) -> None:
+    usage = payload.get("usage")
+    if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+        result.output_tokens = int(usage["completion_tokens"])
+        result.prompt_tokens = usage.get("prompt_tokens")
 
 
 def _read_whole(result: RequestResult, body: bytes) -> None:
@@ -194,7 +253,7 @@ class _Sessions(threading.local):
 
 def run_load(url: str, specs: Sequence[RequestSpec], *, concurrency: int, request_rate: float | None = None,
              stream: bool = True, timeout: float = 600.0, seed: int = 0, progress: bool = True,
-             description: str = "requests") -> tuple[list[RequestResult], float]:
+             description: str = "requests", api: OpenAICompletions | None = None) -> tuple[list[RequestResult], float]:
     """Send every request; returns the results in request order and the wall time (s) from the
     first send to the last response."""
     if concurrency < 1:
@@ -208,7 +267,7 @@ def run_load(url: str, specs: Sequence[RequestSpec], *, concurrency: int, reques
         if arrivals is not None:
             time.sleep(max(0.0, origin + arrivals[index] - time.perf_counter()))
         results[index] = send_request(sessions.get(), url, specs[index], index, stream=stream, timeout=timeout,
-                                      origin=origin)
+                                      origin=origin, api=api)
         bar.update(1)
 
     # NOTE: a pool of `concurrency` threads over an ordered queue is exactly a closed loop of
@@ -326,17 +385,19 @@ def summarize(results: Sequence[RequestResult], duration: float) -> dict:
 
 def benchmark(url: str, specs: Sequence[RequestSpec], *, concurrency: int, request_rate: float | None = None,
               stream: bool = True, timeout: float = 600.0, seed: int = 0, progress: bool = True,
-              stats_interval: float = 0.5, description: str = "requests", keep_requests: bool = False) -> dict:
+              stats_interval: float = 0.5, description: str = "requests", keep_requests: bool = False,
+              api: OpenAICompletions | None = None) -> dict:
     """Run the load against ``url`` and return the metrics, the KV figures from /stats and the
     final /stats snapshot (``requests`` holds per-request records when ``keep_requests``)."""
     sampler = StatsSampler(url, stats_interval)
     with sampler:
         results, duration = run_load(url, specs, concurrency=concurrency, request_rate=request_rate,
                                      stream=stream, timeout=timeout, seed=seed, progress=progress,
-                                     description=description)
+                                     description=description, api=api)
     final = sampler.final()
     summary = summarize(results, duration)
-    summary.update(load={"concurrency": concurrency, "request_rate": request_rate, "stream": stream},
+    summary.update(load={"concurrency": concurrency, "request_rate": request_rate, "stream": stream,
+                         "api": "lmi" if api is None else "openai-completions"},
                    kv=summarize_kv(sampler.samples, final), server_stats=final)
     if keep_requests:
         summary["requests"] = [asdict(r) for r in results]

@@ -273,3 +273,44 @@ def test_shared_prefix_requests_share_a_long_system_prompt():
 def test_unknown_workload_names_the_choices():
     with pytest.raises(ValueError, match="seed, memory-bound, shared-prefix"):
         build_workload("nope")
+
+
+class OpenAIStandIn(StandIn):
+    """Answers /v1/completions as vLLM and llama.cpp do: SSE chunks of one token, then a usage
+    chunk (when asked for) and ``data: [DONE]``; or one JSON object."""
+
+    def app(self, environ, start_response):
+        body = Request(environ).get_json()
+        n = body["max_tokens"]
+        if not body.get("stream"):
+            payload = {"choices": [{"text": "x" * n, "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 5, "completion_tokens": n}}
+            return Response(json.dumps(payload), mimetype="application/json")(environ, start_response)
+        include_usage = (body.get("stream_options") or {}).get("include_usage")
+
+        def events():
+            for _ in range(n):
+                time.sleep(self.delay)
+                yield b'data: {"choices": [{"text": "x", "finish_reason": null}]}\n\n'
+            if include_usage:
+                yield b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": %d}}\n\n' % n
+            yield b"data: [DONE]\n\n"
+        return Response(events(), mimetype="text/event-stream")(environ, start_response)
+
+
+def test_openai_completions_client_reads_sse_chunks_and_usage():
+    server = OpenAIStandIn(delay=0.01)
+    server.thread.start()
+    try:
+        specs = [RequestSpec("a prompt", 6), RequestSpec("another", 3)]
+        summary = loadgen.benchmark(server.url, specs, concurrency=2, progress=False,
+                                    api=loadgen.OpenAICompletions("m"))
+        whole = loadgen.benchmark(server.url, specs, concurrency=2, progress=False, stream=False,
+                                  api=loadgen.OpenAICompletions("m"))
+    finally:
+        server.server.shutdown()
+    assert summary["completed"] == 2 and summary["total_output_tokens"] == 9 and summary["wrong_output_length"] == 0
+    assert summary["total_prompt_tokens"] == 10 and summary["ttft_ms"]["p50"] > 0
+    assert summary["itl_ms"]["p50"] >= 5  # one gap per chunk after the first, ~10 ms apart
+    assert summary["load"]["api"] == "openai-completions"
+    assert whole["total_output_tokens"] == 9 and whole["completed"] == 2
