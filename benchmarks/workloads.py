@@ -215,8 +215,31 @@ def shared_prefix_workload(num_requests: int = 48, scale: float = 1.0, concurren
                      "option.max_rolling_batch_prefill_tokens": "1024"})
 
 
+PEERS_PROMPT_TOKENS = 50
+PEERS_OUTPUT_TOKENS = 64
+
+
+def peers_workload(num_requests: int = 64, scale: float = 1.0, concurrency: int = 8, seed: int = 0,
+                   builder: PromptBuilder | None = None, **_) -> Workload:
+    """The side-by-side run against other servers: distinct ~50-token prompts (no prefix-cache
+    luck for anyone), 64 new tokens x scale each, greedy with ignore_eos."""
+    builder = builder or PromptBuilder()
+    rng = random.Random(seed)
+    # The numbered opening keeps every prompt distinct from its first tokens.
+    requests = tuple(RequestSpec(f"Note {i}: " + builder.filler(PEERS_PROMPT_TOKENS - 4, rng),
+                                 scaled(PEERS_OUTPUT_TOKENS, scale)) for i in range(num_requests))
+    max_model_len = fitting_max_model_len(requests, builder)
+    return Workload("peers", requests, concurrency,
+                    f"distinct {PEERS_PROMPT_TOKENS}-token prompts, {PEERS_OUTPUT_TOKENS} new tokens x scale, closed loop",
+                    {"option.max_model_len": str(max_model_len),
+                     "option.max_kv_cache_tokens": str(concurrency * max_model_len),
+                     "option.max_rolling_batch_size": str(concurrency),
+                     "option.max_rolling_batch_prefill_tokens": "1024"})
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "seed": seed_workload,
+    "peers": peers_workload,
     "memory-bound": memory_bound_workload,
     "shared-prefix": shared_prefix_workload,
 }

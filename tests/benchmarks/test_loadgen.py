@@ -270,8 +270,19 @@ def test_shared_prefix_requests_share_a_long_system_prompt():
     assert len(set(prompts)) == len(prompts)
 
 
+def test_peers_workload_has_distinct_prompts_of_about_fifty_tokens(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    workload = build_workload("peers", num_requests=12, concurrency=32, tokenizer=tokenizer)
+    lengths = [len(tokenizer.encode(r.prompt, add_special_tokens=False)) for r in workload.requests]
+    assert all(45 <= n <= 55 for n in lengths), lengths
+    assert len({r.prompt for r in workload.requests}) == 12  # no prefix-cache luck for anyone
+    assert {r.max_new_tokens for r in workload.requests} == {64} and workload.concurrency == 32
+
+
 def test_unknown_workload_names_the_choices():
-    with pytest.raises(ValueError, match="seed, memory-bound, shared-prefix"):
+    with pytest.raises(ValueError, match="seed, peers, memory-bound, shared-prefix"):
         build_workload("nope")
 
 
