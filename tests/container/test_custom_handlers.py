@@ -267,3 +267,13 @@ def test_uninstallable_requirements_stop_serve(tmp_path):
     finished = run_serve(folder, timeout=120)
     assert finished.returncode != 0
     assert "pip could not install" in finished.stderr
+
+
+def test_entry_point_may_be_an_importable_module(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()  # nothing but the properties: the handler is a module on the path
+    env = {**QUIET_ENV, "OPTION_ENTRYPOINT": "tests.container.handlers.echo_batch"}
+    with start_server(folder, env) as server:
+        response = invoke(server, {"hello": "module"})
+    assert response.status_code == 200, response.text
+    assert response.json()["echo"] == {"hello": "module"}
