@@ -125,3 +125,15 @@ def test_a_decoder_serves_embeddings_when_the_task_says_so(tiny_llama, tmp_path,
     assert health["mode"] == "text-embedding"
     expected = reference_vectors(tiny_llama, TEXTS[:1], "last")
     assert cosines([vector], expected)[0] > 0.9999
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "not valid JSON"),
+    (b"[1]", "must be a JSON object"),
+    (b'{"inputs": NaN}', "not valid JSON"),
+    (b'{"inputs": "a\\ud800b"}', "inputs is not valid Unicode"),
+])
+def test_malformed_bodies_are_400(embedding_server, body, message):
+    response = requests.post(embedding_server.url + "/invocations", data=body, timeout=30)
+    assert response.status_code == 400
+    assert message in response.json()["message"]
