@@ -19,13 +19,13 @@ import torch
 from batching.detokenizer import IncrementalDetokenizer
 from batching.prompt_bound import PromptSizeBound
 from batching.runner import ModelRunner
-from batching.sampler import Sampler
+from batching.sampler import Sampler, SamplerOutput
 from batching.scheduler import Batcher, ScheduledSequence, SchedulerOutput
 from batching.sequence import Sequence
 from djl_like.errors import (BadRequestError, ConfigError, DeviceOutOfMemoryError, InternalError,
                              LmiError, ModelError, ServiceUnavailableError)
 from djl_like.protocol import (AbortReason, FinishReason, GenerationParams, GenerationResult,
-                               TokenOutput)
+                               TokenLogProb, TokenOutput)
 
 logger = logging.getLogger(__name__)
 _request_ids = itertools.count()
@@ -37,16 +37,23 @@ class RequestHandle:
     ``finish_reason``), or call ``result()``. ``abort()`` frees the sequence within a step.
     Iteration raises the request's ``LmiError`` if the engine failed it."""
 
-    def __init__(self, engine: "Engine", request_id: str, prompt: str, num_prompt_tokens: int):
+    def __init__(self, engine: "Engine", request_id: str, prompt: str, num_prompt_tokens: int,
+                 group: "HandleGroup | None" = None):
         self.engine = engine
         self.request_id = request_id
         self.prompt = prompt
         self.num_prompt_tokens = num_prompt_tokens
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
         self.finished = False
+        self._group = group
+        self.index = group.join(self) if group is not None else 0
 
     def put(self, item) -> None:
-        self._outputs.put(item)
+        """Called by the engine thread: a ``TokenOutput``, an ``LmiError``, or the end marker."""
+        if self._group is not None:
+            self._group.put(self.index, item)
+        else:
+            self._outputs.put(item)
 
     def __iter__(self):
         return self.outputs()
@@ -75,20 +82,119 @@ class RequestHandle:
             self.engine.abort(self.request_id, reason)
 
 
+class HandleGroup:
+    """The handles of one client request that several sequences answer (OpenAI's ``n`` choices,
+    the prompts of a completions list), read as one stream of ``(index, TokenOutput)`` in the
+    order the engine emits them; ``index`` is the handle's place in ``handles``.
+
+    Pass it to ``Engine.submit`` / ``submit_choices`` before anything is emitted. Iteration
+    raises the first ``LmiError`` a member gets; ``abort()`` cancels every member still running.
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[RequestHandle] = []
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def join(self, handle: RequestHandle) -> int:
+        self.handles.append(handle)
+        return len(self.handles) - 1
+
+    def put(self, index: int, item) -> None:
+        self._outputs.put((index, item))
+
+    @property
+    def finished(self) -> bool:
+        return all(handle.finished for handle in self.handles)
+
+    def outputs(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            index, item = self._outputs.get(timeout=remaining)  # raises queue.Empty on timeout
+            handle = self.handles[index]
+            if isinstance(item, LmiError):
+                handle.finished = True
+                raise item
+            if item is _END:
+                handle.finished = True
+                continue
+            if item.finish_reason is not None:
+                handle.finished = True
+            yield index, item
+
+    def abort(self, reason: AbortReason = AbortReason.CANCELLED) -> None:
+        for handle in self.handles:
+            handle.abort(reason)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """The engine's state after a loop iteration; totals count since the engine started."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_blocks_used: int
+    num_blocks_free: int
+    num_blocks_cached: int
+    num_preemptions_total: int
+    num_generation_tokens_total: int
+    # Prompt tokens looked up in the prefix cache at admission, and those found (full blocks).
+    num_prefix_query_tokens_total: int
+    num_prefix_hit_tokens_total: int
+
+
+@dataclass(frozen=True)
+class RequestReport:
+    """One request, reported when its first token is emitted and again when it finishes.
+
+    Times are seconds; ``None`` where the request never got that far. ``cause`` is the abort
+    reason (``client_disconnected`` ...) or the error type (``ModelError`` ...).
+    """
+
+    num_prompt_tokens: int
+    num_output_tokens: int
+    queue_s: float | None
+    time_to_first_token_s: float | None
+    finish_reason: FinishReason | None = None
+    cause: str | None = None
+    e2e_latency_s: float | None = None
+    time_per_output_token_s: float | None = None
+
+
+class EngineObserver:
+    """Told what the engine did, from the engine thread (``container.metrics`` exports it to
+    Prometheus). This base ignores everything: offline use records no metrics. A failing hook
+    is logged and never stops the engine."""
+
+    def on_step(self, report: StepReport) -> None:
+        """After every iteration of the engine loop, busy or idle."""
+
+    def on_first_token(self, report: RequestReport) -> None:
+        """When a request's first token is emitted."""
+
+    def on_request_finished(self, report: RequestReport) -> None:
+        """When a request ends for any reason (finished, aborted, failed)."""
+
+
 @dataclass
 class _RequestState:
     seq: Sequence
     handle: RequestHandle
     detokenizer: IncrementalDetokenizer
+    scheduled_at: float | None = None  # first time the batcher scheduled it
+    first_token_at: float | None = None
+    # A later choice of an ``n > 1`` request, kept out of the batcher until the first choice has
+    # computed the prompt (see ``Engine.submit_choices``).
+    held: bool = False
 
 
 @dataclass
 class _Sampled:
-    """What one forward pass produced: a token and its log-probability per sampling sequence."""
+    """What one forward pass produced for the sampling sequences."""
 
     seqs: list[Sequence]
-    tokens: list[int]
-    log_probs: list[float]
+    output: SamplerOutput
 
 
 @dataclass
@@ -116,7 +222,11 @@ class Engine:
         self.eos_token_ids = runner.eos_token_ids
         self.job_queue_size = job_queue_size
         self.counters = EngineCounters()
+        self.observer = EngineObserver()  # replace before start() to record metrics
         self._states: dict[str, _RequestState] = {}
+        # Later choices of n > 1 requests, by the request id of the choice computing the prompt.
+        self._held: dict[str, list[_RequestState]] = {}
+        self._token_texts: dict[int, str] = {}  # engine thread only
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._num_pending = 0  # submitted and not finished: guarded by _lock
@@ -127,31 +237,61 @@ class Engine:
 
     # ---- submission (any thread) ---------------------------------------------------------
     def submit(self, prompt: str | list[int], params: GenerationParams, request_id: str | None = None,
-               *, add_special_tokens: bool = True) -> RequestHandle:
+               *, add_special_tokens: bool = True, group: HandleGroup | None = None) -> RequestHandle:
         """Tokenize, validate against the model and KV limits, and queue. Never blocks on the model.
         Raises BadRequestError (does not fit) or ServiceUnavailableError (queue full, engine dead).
-        ``add_special_tokens=False`` for text a chat template rendered (it wrote BOS itself)."""
+        ``add_special_tokens=False`` for text a chat template rendered (it wrote BOS itself);
+        ``group`` collects this handle's outputs with others (see ``HandleGroup``)."""
+        return self.submit_choices(prompt, [params], request_id, add_special_tokens=add_special_tokens,
+                                   group=group)[0]
+
+    def submit_choices(self, prompt: str | list[int], choices: list[GenerationParams], request_id: str | None = None,
+                       *, add_special_tokens: bool = True, group: HandleGroup | None = None) -> list[RequestHandle]:
+        """Several sequences continuing one prompt (OpenAI's ``n``), one per entry of ``choices``
+        (they differ at most in their seed): tokenized and checked once, one handle each.
+
+        NOTE: with prefix caching, the first choice computes the prompt alone and the others join
+        the batcher once it has: they take its blocks from the cache and compute at most the last,
+        partly filled block. Admitted together, each would compute the whole prompt, because a
+        block is registered in the cache only after the step that fills it.
+        """
         if not self.is_healthy:
             raise ServiceUnavailableError("the engine is not running")
+        params = choices[0]
+        token_ids = self._prompt_token_ids(prompt, params, add_special_tokens)
+        base_id = request_id or f"req-{next(_request_ids)}"
+        seqs = [Sequence(token_ids, choice, base_id if len(choices) == 1 else f"{base_id}-{index}")
+                for index, choice in enumerate(choices)]
+        self.batcher.check_fits(seqs[0])
+        with self._lock:
+            if self._num_pending + len(seqs) > self.job_queue_size:
+                raise ServiceUnavailableError(f"the request queue is full ({self.job_queue_size} requests)")
+            self._num_pending += len(seqs)
+        text = prompt if isinstance(prompt, str) else ""
+        states = [_RequestState(seq, RequestHandle(self, seq.request_id, text, len(token_ids), group),
+                                IncrementalDetokenizer(self.tokenizer, seq.params.stop_sequences))
+                  for seq in seqs]
+        self._inbox.put(("add", states))
+        self._wakeup.set()
+        return [state.handle for state in states]
+
+    def _prompt_token_ids(self, prompt: str | list[int], params: GenerationParams,
+                          add_special_tokens: bool) -> list[int]:
+        vocab_size = len(self.tokenizer)
         if isinstance(prompt, str):
             self._refuse_by_size(prompt, params)
             token_ids = self.encode(prompt, add_special_tokens)
         else:
             token_ids = list(prompt)
+            if any(not 0 <= token_id < vocab_size for token_id in token_ids):
+                raise BadRequestError(f"prompt: token ids must be from 0 to {vocab_size - 1}")
         if not token_ids:
             raise BadRequestError("the prompt encodes to no tokens")
-        seq = Sequence(token_ids, params, request_id or f"req-{next(_request_ids)}")
-        self.batcher.check_fits(seq)
-        with self._lock:
-            if self._num_pending >= self.job_queue_size:
-                raise ServiceUnavailableError(f"the request queue is full ({self.job_queue_size} requests)")
-            self._num_pending += 1
-        text = prompt if isinstance(prompt, str) else ""
-        handle = RequestHandle(self, seq.request_id, text, len(token_ids))
-        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_sequences)
-        self._inbox.put(("add", _RequestState(seq, handle, detokenizer)))
-        self._wakeup.set()
-        return handle
+        for token_id, _ in params.logit_bias:
+            if token_id >= vocab_size:
+                raise BadRequestError(f"logit_bias: token id {token_id} is outside the vocabulary "
+                                      f"(0 to {vocab_size - 1})")
+        return token_ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; safe from any thread, and never in the engine thread's way.
@@ -175,6 +315,11 @@ class Engine:
     def abort(self, request_id: str, reason: AbortReason = AbortReason.CANCELLED) -> None:
         self._inbox.put(("abort", (request_id, reason)))
         self._wakeup.set()
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + output tokens) this engine serves."""
+        return self.batcher.config.max_model_len
 
     # ---- the thread --------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -212,6 +357,7 @@ class Engine:
                 self._wait_for_work()
                 self._drain_inbox()
                 self.step()
+                self._notify(self.observer.on_step, self._step_report())
         except BaseException as exc:  # the loop itself broke: /ping turns 503, requests fail
             logger.exception("engine thread died")
             self.error = exc
@@ -234,16 +380,34 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                self._states[payload.seq.request_id] = payload
-                self.batcher.add(payload.seq)
+                self._add(*payload)
             else:
                 self._abort(*payload)
+
+    def _add(self, first: _RequestState, *others: _RequestState) -> None:
+        """Hand a request's sequences to the batcher; with prefix caching, the later choices of
+        an n > 1 request wait until the first has computed the prompt (``submit_choices``)."""
+        hold = bool(others) and self.batcher.block_manager.enable_prefix_caching
+        for state in (first, *others):
+            self._states[state.seq.request_id] = state
+            state.held = hold and state is not first
+            if not state.held:
+                self.batcher.add(state.seq)
+        if hold:
+            self._held[first.seq.request_id] = list(others)
+
+    def _release_held(self, request_id: str) -> None:
+        """The choice ``request_id`` has computed the prompt (or ended): its siblings may run."""
+        for state in self._held.pop(request_id, ()):
+            if state.held and state.seq.request_id in self._states:
+                state.held = False
+                self.batcher.add(state.seq)
 
     def _abort(self, request_id: str, reason: AbortReason) -> None:
         state = self._states.get(request_id)
         if state is not None:  # not finished meanwhile
             self.counters.aborted[reason.value] += 1
-            self._finish(state, FinishReason.ABORT)
+            self._finish(state, FinishReason.ABORT, cause=reason.value)
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> None:
@@ -251,6 +415,7 @@ class Engine:
         batch = self.batcher.schedule()
         if batch.is_empty:
             return
+        self._mark_scheduled(batch)
         try:
             sampled = self._forward(batch)
         except Exception:  # noqa: BLE001 - find the request that broke the batch, spare the rest
@@ -265,23 +430,24 @@ class Engine:
         sampling = batch.sampling_sequences
         logits = self.runner.execute(batch)
         if not sampling:  # every member is a prefill chunk that ends short of its last token
-            return _Sampled([], [], [])
-        tokens, log_probs = self.sampler.sample(logits[:len(sampling)], sampling)
-        return _Sampled(sampling, tokens, log_probs)
+            return _Sampled([], SamplerOutput([], [], []))
+        return _Sampled(sampling, self.sampler.sample(logits[:len(sampling)], sampling))
 
     def _commit(self, batch: SchedulerOutput, sampled: _Sampled) -> None:
         """Move the counters, then emit each new token. A failure while emitting one request's
         token fails that request only: the step is never run again."""
-        self.batcher.advance(batch, sampled.tokens)
-        self._record(batch, len(sampled.tokens))
-        for seq, token, log_prob in zip(sampled.seqs, sampled.tokens, sampled.log_probs):
+        output = sampled.output
+        self.batcher.advance(batch, output.token_ids)
+        self._record(batch, len(output.token_ids))
+        for row, seq in enumerate(sampled.seqs):
             state = self._states[seq.request_id]
             try:
-                self._postprocess(state, token, log_prob)
+                self._postprocess(state, output.token_ids[row], output.log_probs[row], output.top_logprobs[row])
             except Exception as exc:  # noqa: BLE001 - the failure belongs to this request only
                 logger.exception("post-processing request %s failed", seq.request_id)
                 self._fail(state, InternalError(
                     f"the server failed on this request: {type(exc).__name__}: {exc}"))
+            self._release_held(seq.request_id)
 
     def _run_alone(self, item: ScheduledSequence) -> None:
         """Re-run one member of a failed batch; if it fails alone, only its request fails."""
@@ -298,7 +464,15 @@ class Engine:
             return
         self._commit(alone, sampled)
 
-    def _postprocess(self, state: _RequestState, token: int, log_prob: float) -> None:
+    def _mark_scheduled(self, batch: SchedulerOutput) -> None:
+        now = time.monotonic()
+        for item in batch.scheduled:
+            state = self._states.get(item.seq.request_id)
+            if state is not None and state.scheduled_at is None:
+                state.scheduled_at = now
+
+    def _postprocess(self, state: _RequestState, token: int, log_prob: float,
+                     top_logprobs: list[tuple[int, float]] | None = None) -> None:
         """Detokenize, check the stop conditions, emit, and free the sequence when it is done."""
         seq, params = state.seq, state.seq.params
         text, hit_stop = state.detokenizer.add(token)
@@ -312,15 +486,41 @@ class Engine:
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
             text += state.detokenizer.flush()
         final = reason is not None
-        state.handle.put(TokenOutput(token, text, log_prob, reason, seq.num_prompt_tokens if final else None))
+        sampled, top = self._logprobs(params, token, log_prob, top_logprobs)
+        state.handle.put(TokenOutput(token, text, log_prob, reason, seq.num_prompt_tokens if final else None,
+                                     sampled, top))
+        if state.first_token_at is None:
+            state.first_token_at = time.monotonic()
+            self._notify(self.observer.on_first_token, self._request_report(state))
         if final:
             self._finish(state, reason)
 
-    def _finish(self, state: _RequestState, reason: FinishReason, error: LmiError | None = None) -> None:
-        """Free the sequence once; an aborted or failed handle gets its end marker or its error."""
+    def _logprobs(self, params: GenerationParams, token: int, log_prob: float,
+                  top_logprobs: list[tuple[int, float]] | None) -> tuple[TokenLogProb | None, tuple[TokenLogProb, ...]]:
+        """The sampled token and the likeliest ones, decoded alone, when the request asked."""
+        if params.logprobs is None:
+            return None, ()
+        top = tuple(TokenLogProb(token_id, self._token_text(token_id), value)
+                    for token_id, value in top_logprobs or ())
+        return TokenLogProb(token, self._token_text(token), log_prob), top
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._backend_tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _finish(self, state: _RequestState, reason: FinishReason, error: LmiError | None = None,
+                cause: str | None = None) -> None:
+        """Free the sequence once; an aborted or failed handle gets its end marker or its error.
+        ``cause`` is the abort reason or the error type, for the observer."""
         if self._states.pop(state.seq.request_id, None) is None:
             return  # finished already (a failure while emitting its last token)
-        self.batcher.finish(state.seq, reason)
+        if state.held:  # a held choice never reached the batcher
+            state.held = False
+        else:
+            self.batcher.finish(state.seq, reason)
+        self._release_held(state.seq.request_id)
         self.sampler.forget(state.seq)
         self.counters.finished[reason.value] += 1
         if error is not None:
@@ -329,16 +529,59 @@ class Engine:
             state.handle.put(_END)
         with self._lock:
             self._num_pending -= 1
+        self._notify(self.observer.on_request_finished, self._request_report(state, reason, cause))
 
     def _fail(self, state: _RequestState, error: LmiError) -> None:
         self.counters.failed[error.kind] += 1
-        self._finish(state, FinishReason.ERROR, error)
+        self._finish(state, FinishReason.ERROR, error, cause=error.kind)
 
     def _end_all(self, error: LmiError, reason: AbortReason) -> None:
         """Abort every request still in the engine; each handle gets ``error``."""
         for state in list(self._states.values()):
             self.counters.aborted[reason.value] += 1
-            self._finish(state, FinishReason.ABORT, error)
+            self._finish(state, FinishReason.ABORT, error, cause=reason.value)
+
+    # ---- reports to the observer ---------------------------------------------------------------
+    def _notify(self, hook, report) -> None:
+        try:
+            hook(report)
+        except Exception:  # noqa: BLE001 - metrics must never stop the engine
+            logger.exception("the engine observer failed")
+
+    def _request_report(self, state: _RequestState, reason: FinishReason | None = None,
+                        cause: str | None = None) -> RequestReport:
+        seq, now = state.seq, time.monotonic()
+        first_token_at = state.first_token_at
+        num_output_tokens = seq.num_output_tokens
+        ended = reason is not None
+        decoding_s = None if first_token_at is None else now - first_token_at
+        return RequestReport(
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=num_output_tokens,
+            queue_s=None if state.scheduled_at is None else state.scheduled_at - seq.arrival_time,
+            time_to_first_token_s=None if first_token_at is None else first_token_at - seq.arrival_time,
+            finish_reason=reason,
+            cause=cause,
+            e2e_latency_s=now - seq.arrival_time if ended else None,
+            time_per_output_token_s=(decoding_s / (num_output_tokens - 1)
+                                     if ended and decoding_s is not None and num_output_tokens > 1 else None),
+        )
+
+    def _step_report(self) -> StepReport:
+        manager = self.batcher.block_manager
+        prefix = manager.stats()
+        return StepReport(
+            num_running=len(self.batcher.running),
+            num_waiting=len(self.batcher.waiting) + sum(state.held for held in self._held.values() for state in held),
+            num_blocks=manager.num_blocks,
+            num_blocks_used=manager.num_used_blocks,
+            num_blocks_free=manager.num_free_blocks,
+            num_blocks_cached=manager.num_cached_blocks,
+            num_preemptions_total=self.batcher.num_preemptions,
+            num_generation_tokens_total=self.counters.tokens_generated,
+            num_prefix_query_tokens_total=prefix["prefix_queries"] * manager.block_size,
+            num_prefix_hit_tokens_total=prefix["prefix_hits"] * manager.block_size,
+        )
 
     def _record(self, batch: SchedulerOutput, num_sampled: int) -> None:
         counters = self.counters

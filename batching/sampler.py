@@ -7,6 +7,8 @@ whatever else shares the batch).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from batching.sequence import Sequence
@@ -14,8 +16,18 @@ from djl_like.protocol import GenerationParams
 
 
 def needs_processing(params: GenerationParams) -> bool:
-    return (not params.is_greedy or params.repetition_penalty != 1.0
+    return (not params.is_greedy or params.repetition_penalty != 1.0 or bool(params.logit_bias)
             or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0)
+
+
+@dataclass
+class SamplerOutput:
+    """One token per row, the model's raw log-probability of it, and, for the rows whose request
+    asked for ``logprobs=N``, the N likeliest (token id, raw log-probability) pairs (else None)."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    top_logprobs: list[list[tuple[int, float]] | None]
 
 
 class Sampler:
@@ -25,9 +37,8 @@ class Sampler:
         self._generators: dict[int, torch.Generator] = {}
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """logits: [len(seqs), V] float32. Returns one token id per row and the token's raw
-        log-probability under the model."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits: [len(seqs), V] float32."""
         # NOTE: vLLM's default semantics: the log-probability the model gave the token, before
         # penalties, temperature and filters; it says how likely the model found the token, and
         # does not turn into 0 because top_k=1 made the draw certain.
@@ -40,9 +51,8 @@ class Sampler:
         for row, seq in enumerate(seqs):
             if not seq.params.is_greedy:
                 tokens[row] = self._draw(logits[row], seq)
-        token_list = tokens.tolist()
         chosen = log_probs.gather(1, tokens[:, None])[:, 0].tolist()
-        return token_list, chosen
+        return SamplerOutput(tokens.tolist(), chosen, top_logprobs(log_probs, seqs))
 
     def forget(self, seq: Sequence) -> None:
         """Drop a finished sequence's generator."""
@@ -64,9 +74,24 @@ class Sampler:
         return generator
 
 
+def top_logprobs(log_probs: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple[int, float]] | None]:
+    """The ``params.logprobs`` likeliest tokens of each row that asked for them, from one
+    ``topk`` over those rows (log_probs: [len(seqs), V])."""
+    wanted = [row for row, seq in enumerate(seqs) if seq.params.logprobs]
+    result: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+    if not wanted:
+        return result
+    k = min(max(seqs[row].params.logprobs for row in wanted), log_probs.shape[-1])
+    values, ids = torch.topk(log_probs[wanted], k, dim=-1)
+    for row, row_ids, row_values in zip(wanted, ids.tolist(), values.tolist()):
+        count = seqs[row].params.logprobs
+        result[row] = list(zip(row_ids[:count], row_values[:count]))
+    return result
+
+
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """Repetition penalty over prompt and output (Hugging Face semantics); presence and frequency
-    penalties over the output only (OpenAI semantics)."""
+    penalties over the output only (OpenAI semantics); then OpenAI's logit_bias."""
     params = seq.params
     logits = logits.clone()
     if params.repetition_penalty != 1.0:
@@ -77,6 +102,9 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     if (params.presence_penalty or params.frequency_penalty) and seq.num_output_tokens:
         ids, counts = torch.tensor(seq.output_token_ids, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
     return logits
 
 

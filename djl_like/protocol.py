@@ -56,10 +56,24 @@ class GenerationParams:
     details: bool = False
     return_full_text: bool = False
     decoder_input_details: bool = False
+    # vLLM's SamplingParams.logprobs: None reports no log-probabilities beyond ``log_prob``; N
+    # also reports each token decoded alone and the N likeliest tokens at its position.
+    logprobs: int | None = None
+    # OpenAI's logit_bias: (token id, bias) pairs added to the logits before sampling.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def is_greedy(self) -> bool:
         return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
+
+
+@dataclass(frozen=True)
+class TokenLogProb:
+    """A token decoded alone (special tokens spelled out) and the model's raw log-probability."""
+
+    token_id: int
+    text: str
+    log_prob: float
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,10 @@ class TokenOutput:
     finish_reason: FinishReason | None = None
     # Set on the last output only: number of prompt tokens, for usage reports.
     num_prompt_tokens: int | None = None
+    # Set when the request asked for ``logprobs``: this token decoded alone, and the
+    # ``params.logprobs`` likeliest tokens at its position (most likely first).
+    sampled: TokenLogProb | None = None
+    top_logprobs: tuple[TokenLogProb, ...] = ()
 
 
 @dataclass
