@@ -4,6 +4,10 @@ Parsing and validation live in ``djl_like``, generation in ``batching``; this mo
 between HTTP and the engine. It also owns the two HTTP-only concerns: loading the engine in the
 background (so ``/ping`` answers 503 meanwhile) and noticing clients that went away (so their
 sequences are aborted and their KV cache freed at once).
+
+Routes: LMI's ``/ping`` (``/health``), ``/invocations`` and TGI's ``/generate`` and
+``/generate_stream`` over one handler; OpenAI's ``/v1/chat/completions``, ``/v1/completions`` and
+``/v1/models``; ``/stats`` and Prometheus ``/metrics``.
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
-from batching.engine import Engine, RequestHandle
+from batching.engine import Engine, EngineObserver, HandleGroup, RequestHandle
 from batching.offline import create_engine
+from container.metrics import ServerMetrics
 from container.modes import create_mode_app
-from djl_like.config import ServingConfig
-from djl_like.errors import (BadRequestError, ConfigError, LmiError, RequestTimeoutError,
+from djl_like.config import ServingConfig, served_model_name
+from djl_like.errors import (BadRequestError, ConfigError, InternalError, LmiError, RequestTimeoutError,
                              ServiceUnavailableError)
-from djl_like.formatters import (chat_completion_chunk, chat_stream_end, content_type, frame,
-                                 format_chat_completion, format_response, stream_chunk)
+from djl_like.formatters import content_type, format_response, frame, stream_chunk
+from djl_like.openai_formatters import (ResponseHeader, Usage, chat_chunk, chat_completion, completion,
+                                        completion_chunk, completion_logprobs, error_body, error_object,
+                                        model_card, model_list, stream_end, usage_chunk)
+from djl_like.openai_requests import OpenAIRequest, parse_chat_request, parse_completion_request
 from djl_like.protocol import AbortReason, GenerationParams, GenerationResult, TokenOutput
 from djl_like.requests import InvocationRequest, check_body_size, parse_invocation
 
@@ -59,15 +67,18 @@ def create_app(
     mode_app = create_mode_app(config, model_path)
     if mode_app is not None:
         return mode_app
-    loader = EngineLoader(config, model_path, engine_factory)
+    model = served_model_name(config, model_path)
+    metrics = ServerMetrics(model)
+    loader = EngineLoader(config, model_path, engine_factory, observer=metrics.engine)
     loader.start()
     app = Flask(__name__)
     app.json.sort_keys = False  # keep LMI's field order: generated_text first
     app.extensions["lmi_engine_loader"] = loader
     drain = Drain(loader)
     app.extensions["lmi_drain"] = drain
-    _register_routes(app, config, loader, drain)
-    _register_error_handlers(app)
+    _register_routes(app, _Server(config, loader, drain, metrics, model, int(time.time())))
+    _register_error_handlers(app, openai_errors=True)
+    _count_responses(app, metrics)
     return app
 
 
@@ -121,10 +132,12 @@ class Drain:
 class EngineLoader:
     """Holds the worker's engine: loading, ready, or failed. Thread-safe to read."""
 
-    def __init__(self, config: ServingConfig, model_path: str, factory: EngineFactory):
+    def __init__(self, config: ServingConfig, model_path: str, factory: EngineFactory,
+                 observer: EngineObserver | None = None):
         self.config = config
         self.model_path = model_path
         self._factory = factory
+        self._observer = observer
         self._engine: Engine | None = None
         self._chat_prompts: ChatPrompts | None = None
         self._error: BaseException | None = None
@@ -139,6 +152,8 @@ class EngineLoader:
         try:
             engine = self._factory(self.config, self.model_path)
             self._chat_prompts = ChatPrompts(engine)
+            if self._observer is not None:
+                engine.observer = self._observer
             engine.start()
             self._engine = engine
             logger.info("model %s loaded in %.1f s (%s batching)", self.model_path,
@@ -263,9 +278,10 @@ class _Deadline:
 
 
 def _watch(
-    handle: RequestHandle, client: ClientConnection, deadline: _Deadline, *, per_token: bool
-) -> Iterator[TokenOutput]:
-    """Yield ``handle``'s outputs; abort it when the client goes or no result comes in time.
+    handle: RequestHandle | HandleGroup, client: ClientConnection, deadline: _Deadline, *, per_token: bool
+) -> Iterator:
+    """Yield ``handle``'s outputs (a group's: ``(index, TokenOutput)``); abort it when the client
+    goes or no result comes in time.
 
     ``per_token``: the deadline restarts at every token (streaming, where the client sees
     progress); otherwise it bounds the whole generation (``option.predict_timeout``).
@@ -313,8 +329,23 @@ def _abort_unfinished(handles: list[RequestHandle]) -> None:
 # --- routes -------------------------------------------------------------------------------------
 
 
-def _register_routes(app: Flask, config: ServingConfig, loader: EngineLoader, drain: Drain) -> None:
+@dataclass(frozen=True)
+class _Server:
+    """What the routes of one worker share."""
+
+    config: ServingConfig
+    loader: EngineLoader
+    drain: Drain
+    metrics: ServerMetrics
+    model: str  # option.served_model_name, or the model folder's name
+    started: int  # Unix time, the "created" of /v1/models
+
+
+def _register_routes(app: Flask, server: _Server) -> None:
+    drain, loader = server.drain, server.loader
+
     @app.get("/ping")
+    @app.get("/health")  # the name vLLM and TGI users probe
     def ping() -> Response:
         if drain.started.is_set():
             return _json({"status": "draining"}, 503)
@@ -325,13 +356,48 @@ def _register_routes(app: Flask, config: ServingConfig, loader: EngineLoader, dr
     def stats() -> Response:
         return _json(loader.engine().stats())
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        data, media_type = server.metrics.exposition()
+        return Response(data, content_type=media_type)
+
     @app.post("/invocations")
     def invocations() -> Response:
-        return _admitted(drain, lambda: _invoke(config, loader, chat_only=False))
+        return _admitted(drain, lambda: _invoke(server))
+
+    @app.post("/generate")
+    def generate() -> Response:
+        return _admitted(drain, lambda: _invoke(server, tgi_stream=False))
+
+    @app.post("/generate_stream")
+    def generate_stream() -> Response:
+        return _admitted(drain, lambda: _invoke(server, tgi_stream=True))
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
-        return _admitted(drain, lambda: _invoke(config, loader, chat_only=True))
+        return _admitted(drain, lambda: _openai(server, parse_chat_request))
+
+    @app.post("/v1/completions")
+    def completions() -> Response:
+        return _admitted(drain, lambda: _openai(server, parse_completion_request))
+
+    @app.get("/v1/models")
+    def models() -> Response:
+        return _json(model_list(server.model, server.started))
+
+    @app.get("/v1/models/<path:model>")
+    def one_model(model: str) -> Response:
+        if model != server.model:
+            raise NotFound(f"the model {model!r} does not exist; this server serves {server.model!r}")
+        return _json(model_card(server.model, server.started))
+
+
+def _count_responses(app: Flask, metrics: ServerMetrics) -> None:
+    @app.after_request
+    def count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.count_response(route, request.method, response.status_code)
+        return response
 
 
 def _admitted(drain: Drain, handler: Callable[[], Response]) -> Response:
@@ -350,25 +416,42 @@ def _admitted(drain: Drain, handler: Callable[[], Response]) -> Response:
     return response
 
 
-def _invoke(config: ServingConfig, loader: EngineLoader, *, chat_only: bool) -> Response:
+def _invoke(server: _Server, *, tgi_stream: bool | None = None) -> Response:
+    """``/invocations`` (LMI generation or OpenAI chat); with ``tgi_stream`` set, TGI's
+    ``/generate`` (never streams) or ``/generate_stream`` (always SSE) over the same handler."""
+    config, loader = server.config, server.loader
     body = _read_body(config.max_payload_bytes)
     engine = loader.engine()
     invocation = parse_invocation(body, default_output_formatter=config.output_formatter,
-                                  max_model_len=engine.batcher.config.max_model_len)
-    if chat_only and not invocation.is_chat:
-        raise BadRequestError("messages is missing: this route takes an OpenAI chat body")
-    as_chat = loader.chat_prompts() if config.apply_chat_template else None
-    call = _Call(engine, invocation, ClientConnection(request.environ.get("gunicorn.socket")),
-                 config.predict_timeout_s, as_chat)
+                                  max_model_len=engine.max_model_len)
     if invocation.is_chat:
-        response = _chat(call, loader.chat_prompts(), _model_name(config, loader))
+        if tgi_stream is not None:
+            raise BadRequestError("messages: this route takes 'inputs'; send chat to /v1/chat/completions")
+        response = _answer_openai(server, engine, invocation, openai_errors=False)
     else:
-        response = _generate(call)
-    if invocation.unknown_parameters:
-        ignored = ", ".join(invocation.unknown_parameters)
+        if tgi_stream is not None:
+            invocation = _as_tgi(invocation, tgi_stream)
+        as_chat = loader.chat_prompts() if config.apply_chat_template else None
+        response = _generate(_Call(engine, invocation, _client(), config.predict_timeout_s, as_chat))
+    return _with_ignored_header(response, invocation.unknown_parameters)
+
+
+def _as_tgi(invocation: InvocationRequest, stream: bool) -> InvocationRequest:
+    if stream and invocation.is_batch:
+        raise BadRequestError("inputs: /generate_stream streams one prompt; send a string")
+    return replace(invocation, stream=stream, output_formatter="sse" if stream else "json")
+
+
+def _with_ignored_header(response: Response, unknown_parameters: tuple[str, ...]) -> Response:
+    if unknown_parameters:
+        ignored = ", ".join(unknown_parameters)
         logger.warning("ignoring unknown request parameters: %r", ignored)
         response.headers[IGNORED_PARAMETERS_HEADER] = _header_safe(ignored)
     return response
+
+
+def _client() -> ClientConnection:
+    return ClientConnection(request.environ.get("gunicorn.socket"))
 
 
 def _header_safe(text: str) -> str:
@@ -416,7 +499,7 @@ def _flag_broken_framing() -> None:
 
 @dataclass(frozen=True)
 class _Call:
-    """One invocation on its way through the engine."""
+    """One LMI invocation on its way through the engine."""
 
     engine: Engine
     invocation: InvocationRequest
@@ -472,39 +555,57 @@ def _generation_frames(call: _Call, handle: RequestHandle, prompt: str) -> Itera
     """LMI stream frames; ``prompt`` (what the client sent, also when a chat template rendered
     it) is what ``return_full_text`` and ``details.inputs`` report, as in a whole response."""
     result = GenerationResult(prompt=prompt)
+    output_formatter = call.invocation.output_formatter
 
     def to_frame(token: TokenOutput) -> bytes:
         result.tokens.append(token)
         chunk = stream_chunk(token, result_so_far=result, params=call.params)
-        return frame(chunk, call.invocation.output_formatter)
+        return frame(chunk, output_formatter)
 
-    return _stream_frames(call, handle, to_frame)
+    return _stream_frames(_StreamSource(handle, call.client, call.timeout_s, output_formatter), to_frame)
 
 
-def _stream_frames(
-    call: _Call, handle: RequestHandle, to_frame: Callable[[TokenOutput], bytes], end: bytes = b""
-) -> Iterator[bytes]:
-    """One frame per token, then ``end``. A failure after the status line was sent cannot change
-    it any more: it becomes a last frame holding the error object."""
-    output_formatter = call.invocation.output_formatter
+@dataclass(frozen=True)
+class _StreamSource:
+    """Where a stream's items come from and how its frames are written."""
+
+    outputs: RequestHandle | HandleGroup
+    client: ClientConnection
+    timeout_s: float
+    output_formatter: str
+    error_shape: Callable[[LmiError], dict] = LmiError.to_dict
+
+
+def _stream_frames(source: _StreamSource, to_frame: Callable, *, opening: Iterator[bytes] = (),
+                   closing: Callable[[], bytes] | None = None) -> Iterator[bytes]:
+    """``opening``, one frame per output, then ``closing()``. A failure after the status line was
+    sent cannot change it any more: it becomes a last frame holding the error object."""
+    output_formatter = source.output_formatter
     try:
-        for token in _watch(handle, call.client, _Deadline(call.timeout_s), per_token=True):
-            yield to_frame(token)
+        yield from opening
+        for item in _watch(source.outputs, source.client, _Deadline(source.timeout_s), per_token=True):
+            yield to_frame(item)
     except ClientDisconnected:
-        logger.info("client of %s disconnected mid-stream; aborted", handle.request_id)
+        logger.info("client of %s disconnected mid-stream; aborted", _request_id(source.outputs))
         return
     except LmiError as error:
-        yield frame(error.to_dict(), output_formatter)
+        yield frame(source.error_shape(error), output_formatter)
         return
     except Exception as error:  # noqa: BLE001 - reported in the stream, logged here
-        logger.exception("stream of %s failed", handle.request_id)
-        yield frame(_internal_error(error), output_formatter)
+        logger.exception("stream of %s failed", _request_id(source.outputs))
+        yield frame(source.error_shape(_internal_error(error)), output_formatter)
         return
-    if end:
-        yield end
+    last = closing() if closing is not None else b""
+    if last:  # NOTE: an empty chunk would end a chunked response early
+        yield last
 
 
-def _stream(frames: Iterator[bytes], handle: RequestHandle, output_formatter: str) -> Response:
+def _request_id(outputs: RequestHandle | HandleGroup) -> str:
+    handles = outputs.handles if isinstance(outputs, HandleGroup) else [outputs]
+    return ", ".join(handle.request_id for handle in handles)
+
+
+def _stream(frames: Iterator[bytes], handle: RequestHandle | HandleGroup, output_formatter: str) -> Response:
     response = Response(frames, content_type=content_type(output_formatter))
     # NOTE: the WSGI server closes the response when the client goes away (a write fails) or the
     # stream ends; closing aborts a request still running, even one whose stream never started.
@@ -514,78 +615,213 @@ def _stream(frames: Iterator[bytes], handle: RequestHandle, output_formatter: st
     return response
 
 
-# --- OpenAI chat --------------------------------------------------------------------------------
+# --- OpenAI chat and completions ----------------------------------------------------------------
 
 
-def _chat(call: _Call, chat_prompts: ChatPrompts, model: str) -> Response:
-    rendered = chat_prompts.render(call.invocation.messages)
-    handle = call.engine.submit(rendered, call.params, add_special_tokens=False)
-    header = _ChatHeader(model=model, request_id=f"chatcmpl-{uuid.uuid4().hex}",
-                         created=int(time.time()))
-    if call.invocation.stream:
-        return _stream(_chat_frames(call, handle, header), handle, call.invocation.output_formatter)
-    result = _collect([handle], [rendered], call.client, call.timeout_s)[0]
-    return _json(format_chat_completion(
-        result, model=header.model, request_id=header.request_id, created=header.created,
-        num_prompt_tokens=handle.num_prompt_tokens, logprobs=call.params.details))
+def _openai(server: _Server, parse: Callable[..., OpenAIRequest]) -> Response:
+    body = _read_body(server.config.max_payload_bytes)
+    engine = server.loader.engine()
+    openai_request = parse(body, max_model_len=engine.max_model_len)
+    response = _answer_openai(server, engine, openai_request, openai_errors=True)
+    return _with_ignored_header(response, openai_request.unknown_parameters)
 
 
 @dataclass(frozen=True)
-class _ChatHeader:
-    model: str
-    request_id: str
-    created: int
+class _OpenAICall:
+    """One OpenAI request on its way through the engine: every choice of every prompt is a
+    member of ``group``; choice ``i`` of prompt ``p`` has index ``p * n + i``."""
+
+    request: OpenAIRequest
+    group: HandleGroup
+    header: ResponseHeader
+    prompt_texts: list[str]  # per choice: what echo prepends
+    source: _StreamSource
+
+    @property
+    def logprobs(self) -> bool:
+        return self.request.params.logprobs is not None
+
+    def usage(self, num_completion_tokens: int) -> Usage:
+        """The prompt of each prompt counts once, whatever ``n`` is."""
+        handles = self.group.handles[::self.request.n]
+        return Usage(sum(handle.num_prompt_tokens for handle in handles), num_completion_tokens)
 
 
-def _chat_frames(call: _Call, handle: RequestHandle, header: _ChatHeader) -> Iterator[bytes]:
-    output_formatter = call.invocation.output_formatter
-    num_sent = 0
+def _answer_openai(server: _Server, engine: Engine, openai_request: OpenAIRequest, *,
+                   openai_errors: bool) -> Response:
+    prompts, add_special_tokens = _openai_prompts(server.loader, engine, openai_request)
+    group = _submit_choices(engine, openai_request, prompts, add_special_tokens)
+    kind = "chatcmpl" if openai_request.is_chat else "cmpl"
+    header = ResponseHeader(f"{kind}-{uuid.uuid4().hex}", int(time.time()), server.model)
+    error_shape = _openai_error_shape if openai_errors else LmiError.to_dict
+    source = _StreamSource(group, _client(), server.config.predict_timeout_s, openai_request.output_formatter,
+                           error_shape)
+    texts = [_prompt_text(engine, prompt) for prompt in prompts for _ in range(openai_request.n)]
+    call = _OpenAICall(openai_request, group, header, texts, source)
+    if openai_request.stream:
+        frames = _chat_frames(call) if openai_request.is_chat else _completion_frames(call)
+        return _stream(frames, group, openai_request.output_formatter)
+    results = _collect_group(call)
+    usage = call.usage(sum(len(result.tokens) for result in results))
+    if openai_request.is_chat:
+        return _json(chat_completion(results, header=header, usage=usage, logprobs=call.logprobs))
+    return _json(completion(results, header=header, usage=usage, echo=openai_request.echo, logprobs=call.logprobs))
 
-    def to_frame(token: TokenOutput) -> bytes:
-        nonlocal num_sent
-        chunk = chat_completion_chunk(token, model=header.model, request_id=header.request_id,
-                                      created=header.created, first=num_sent == 0,
-                                      logprobs=call.params.details)
-        num_sent += 1
+
+def _openai_prompts(loader: EngineLoader, engine: Engine,
+                    openai_request: OpenAIRequest) -> tuple[list[str | list[int]], bool]:
+    """The prompts to submit, and whether the tokenizer adds its special tokens (a rendered chat
+    template wrote them itself)."""
+    if openai_request.is_chat:
+        return [loader.chat_prompts().render(openai_request.messages)], False
+    return [prompt if isinstance(prompt, str) else list(prompt) for prompt in openai_request.prompts], True
+
+
+def _prompt_text(engine: Engine, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+
+
+def _submit_choices(engine: Engine, openai_request: OpenAIRequest, prompts: list[str | list[int]],
+                    add_special_tokens: bool) -> HandleGroup:
+    """Submit ``n`` choices of every prompt into one group; if one is refused, abort the rest."""
+    group = HandleGroup()
+    choices = openai_request.choice_params()
+    try:
+        for index, prompt in enumerate(prompts):
+            try:
+                engine.submit_choices(prompt, choices, add_special_tokens=add_special_tokens, group=group)
+            except BadRequestError as error:
+                if len(prompts) == 1:
+                    raise
+                raise BadRequestError(f"prompt[{index}]: {error.message}") from None
+    except BaseException:
+        group.abort(AbortReason.CANCELLED)
+        raise
+    return group
+
+
+def _collect_group(call: _OpenAICall) -> list[GenerationResult]:
+    """Every choice's whole result, within one deadline; abort them all on failure."""
+    results = [GenerationResult(prompt=text) for text in call.prompt_texts]
+    source = call.source
+    try:
+        for index, token in _watch(call.group, source.client, _Deadline(source.timeout_s), per_token=False):
+            results[index].tokens.append(token)
+    finally:
+        call.group.abort(AbortReason.CANCELLED)  # a no-op for the finished ones
+    return results
+
+
+def _chat_frames(call: _OpenAICall) -> Iterator[bytes]:
+    started: set[int] = set()
+    counter = _TokenCounter()
+
+    def to_frame(item: tuple[int, TokenOutput]) -> bytes:
+        index, token = item
+        counter.count()
+        first = index not in started
+        started.add(index)
+        chunk = chat_chunk(token, header=call.header, index=index, first=first, logprobs=call.logprobs,
+                           with_usage=call.request.include_usage)
+        return frame(chunk, call.source.output_formatter)
+
+    closing = _closing(call, "chat.completion.chunk", counter)
+    return _stream_frames(call.source, to_frame, closing=closing)
+
+
+def _completion_frames(call: _OpenAICall) -> Iterator[bytes]:
+    echo = call.request.echo
+    offsets = [len(text) if echo else 0 for text in call.prompt_texts]
+    counter = _TokenCounter()
+    output_formatter = call.source.output_formatter
+    with_usage = call.request.include_usage
+
+    def to_frame(item: tuple[int, TokenOutput]) -> bytes:
+        index, token = item
+        counter.count()
+        logprobs = completion_logprobs([token], offsets[index]) if call.logprobs else None
+        if token.sampled is not None:
+            offsets[index] += len(token.sampled.text)
+        chunk = completion_chunk(token.text, header=call.header, index=index, token=token, logprobs=logprobs,
+                                 with_usage=with_usage)
         return frame(chunk, output_formatter)
 
-    return _stream_frames(call, handle, to_frame, chat_stream_end(output_formatter))
+    # NOTE: with echo, each choice's stream starts with its prompt (vLLM does the same).
+    opening = (frame(completion_chunk(text, header=call.header, index=index, with_usage=with_usage),
+                     output_formatter) for index, text in enumerate(call.prompt_texts) if echo)
+    closing = _closing(call, "text_completion", counter)
+    return _stream_frames(call.source, to_frame, opening=opening, closing=closing)
 
 
-def _model_name(config: ServingConfig, loader: EngineLoader) -> str:
-    return config.model_id or loader.model_path.rstrip("/").rsplit("/", 1)[-1]
+class _TokenCounter:
+    """Tokens streamed so far, over every choice (the usage chunk's completion tokens)."""
+
+    def __init__(self) -> None:
+        self.num_tokens = 0
+
+    def count(self) -> None:
+        self.num_tokens += 1
+
+
+def _closing(call: _OpenAICall, object_name: str, counter: _TokenCounter) -> Callable[[], bytes]:
+    """The end of a stream: the usage chunk when asked for, then ``[DONE]`` (under SSE)."""
+    output_formatter = call.source.output_formatter
+
+    def closing() -> bytes:
+        end = stream_end(output_formatter)
+        if not call.request.include_usage:
+            return end
+        usage = usage_chunk(call.header, object_name, call.usage(counter.num_tokens))
+        return frame(usage, output_formatter) + end
+
+    return closing
 
 
 # --- errors -------------------------------------------------------------------------------------
 
 
-def _register_error_handlers(app: Flask) -> None:
+def _register_error_handlers(app: Flask, *, openai_errors: bool = False) -> None:
+    """Errors as JSON: LMI's ``{"code", "type", "message"}``, or with ``openai_errors`` OpenAI's
+    ``{"error": {...}}`` on the ``/v1/`` routes (what OpenAI clients parse)."""
+
+    def openai_route() -> bool:
+        return openai_errors and request.path.startswith("/v1/")
+
     @app.errorhandler(LmiError)
     def lmi_error(error: LmiError) -> Response:
         if error.status >= 500:
             logger.warning("%s: %s", error.kind, error.message)
-        return _json(error.to_dict(), error.status)
+        body = _openai_error_shape(error) if openai_route() else error.to_dict()
+        return _json(body, error.status)
 
     @app.errorhandler(ClientDisconnected)
     def client_disconnected(error: ClientDisconnected) -> Response:
         logger.info("client of %s disconnected; aborted", error)
-        return _json({"code": CLIENT_CLOSED_STATUS, "type": "ClientClosedRequest",
-                      "message": "the client closed the connection"}, CLIENT_CLOSED_STATUS)
+        message = "the client closed the connection"
+        body = (error_object(CLIENT_CLOSED_STATUS, message) if openai_route() else
+                {"code": CLIENT_CLOSED_STATUS, "type": "ClientClosedRequest", "message": message})
+        return _json(body, CLIENT_CLOSED_STATUS)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
-        body = {"code": error.code, "type": type(error).__name__, "message": error.description}
-        return _json(body, error.code or 500)
+        status = error.code or 500
+        body = (error_object(status, error.description) if openai_route() else
+                {"code": error.code, "type": type(error).__name__, "message": error.description})
+        return _json(body, status)
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
         logger.exception("unexpected error while handling %s %s", request.method, request.path)
-        return _json(_internal_error(error), 500)
+        internal = _internal_error(error)
+        return _json(_openai_error_shape(internal) if openai_route() else internal.to_dict(), 500)
 
 
-def _internal_error(error: Exception) -> dict:
-    return {"code": 500, "type": "InternalServerError",
-            "message": f"unexpected error: {type(error).__name__}: {error}"}
+def _openai_error_shape(error: LmiError) -> dict:
+    return error_body(error, getattr(error, "param", None))
+
+
+def _internal_error(error: Exception) -> InternalError:
+    return InternalError(f"unexpected error: {type(error).__name__}: {error}")
 
 
 def _json(body, status: int = 200) -> Response:

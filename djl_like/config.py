@@ -99,6 +99,8 @@ class ServingConfig:
     max_kv_cache_tokens: int | None = None  # None: from device memory (GPU) or a CPU default
     gpu_memory_utilization: float = 0.9
     output_formatter: str = "json"  # json | jsonlines | sse
+    # The model's name in OpenAI answers, /v1/models and metric labels; None: the folder's name.
+    served_model_name: str | None = None
     task: str | None = None  # text-generation | text-embedding; None: from the architecture
     # Custom code (option.entryPoint, or a model.py in the model folder): the function to call,
     # and whether the folder's requirements.txt is pip-installed at start (a supply-chain risk).
@@ -140,6 +142,14 @@ class ServingConfig:
             explicit=_explicit_fields(props),
             **values,
         )
+
+
+def served_model_name(config: ServingConfig, model_path: str) -> str:
+    """``option.served_model_name``, else the name of the model's folder (the last part of
+    ``option.model_id`` when set: a local path, an S3 prefix or a Hugging Face id)."""
+    if config.served_model_name:
+        return config.served_model_name
+    return os.path.basename(os.path.normpath(config.model_id or model_path)) or model_path
 
 
 def load_config(model_dir: str | os.PathLike[str], env: Mapping[str, str]) -> ServingConfig:
@@ -302,6 +312,7 @@ _KEYS: dict[str, _Key] = {
     "option.gpu_memory_utilization": _Key("gpu_memory_utilization", _positive_number(1.0)),
     "option.output_formatter": _Key("output_formatter", _choice(
         {"json": "json", "jsonlines": "jsonlines", "sse": "sse"})),
+    "option.served_model_name": _Key("served_model_name", _text),
     # feature-extraction is what Hugging Face containers call embedding (HF_TASK).
     "option.task": _Key("task", _choice({
         "text-generation": "text-generation", "text-embedding": "text-embedding",

@@ -1,4 +1,5 @@
-"""Output formats of ``/invocations``: LMI JSON, jsonlines and SSE streams, OpenAI chat shapes.
+"""Output formats of ``/invocations``: LMI JSON, jsonlines and SSE streams (OpenAI shapes are in
+``djl_like.openai_formatters``).
 
 Pure functions from typed results (``GenerationResult``, ``TokenOutput``) to JSON-ready dicts and
 framed bytes; the route does the I/O.
@@ -10,7 +11,7 @@ import json
 import math
 
 from djl_like.errors import LmiError
-from djl_like.protocol import FinishReason, GenerationParams, GenerationResult, TokenOutput
+from djl_like.protocol import GenerationParams, GenerationResult, TokenOutput
 from djl_like.requests import InvocationRequest
 
 _CONTENT_TYPES = {
@@ -18,12 +19,6 @@ _CONTENT_TYPES = {
     # NOTE: frames carry raw UTF-8; without the charset, HTTP clients decode text/* as latin-1.
     "jsonlines": "application/jsonlines; charset=utf-8",
     "sse": "text/event-stream; charset=utf-8",
-}
-_OPENAI_FINISH_REASONS = {
-    FinishReason.LENGTH: "length",
-    FinishReason.EOS: "stop",
-    FinishReason.STOP_SEQUENCE: "stop",
-    FinishReason.ABORT: "abort",
 }
 
 
@@ -54,8 +49,6 @@ def format_response(request: InvocationRequest, results: list[GenerationResult])
 
     ``results[i]`` must be the result of ``request.prompts[i]``.
     """
-    if request.is_chat:
-        raise ValueError("chat requests are answered with format_chat_completion")
     if len(results) != len(request.prompts):
         raise ValueError(f"{len(results)} results for {len(request.prompts)} prompts")
     outputs = [
@@ -129,98 +122,6 @@ def frame(obj: dict, output_formatter: str) -> bytes:
     raise ValueError(f"output formatter {output_formatter!r} does not stream")
 
 
-def chat_stream_end(output_formatter: str) -> bytes:
-    """What closes a chat stream: OpenAI's ``data: [DONE]`` under sse, nothing under jsonlines."""
-    if output_formatter == "sse":
-        return b"data: [DONE]\n\n"
-    if output_formatter == "jsonlines":
-        return b""
-    raise ValueError(f"output formatter {output_formatter!r} does not stream")
-
-
 def error_body(err: LmiError) -> dict:
     """The JSON body of an error response: ``{"code", "type", "message"}``."""
     return err.to_dict()
-
-
-# --- OpenAI chat ---------------------------------------------------------------------------
-
-
-def format_chat_completion(
-    result: GenerationResult,
-    *,
-    model: str,
-    request_id: str,
-    created: int,
-    num_prompt_tokens: int,
-    logprobs: bool = False,
-) -> dict:
-    """The OpenAI ``chat.completion`` object of a finished chat generation.
-
-    ``logprobs`` (the request's ``logprobs``, i.e. ``params.details``) adds per-token log
-    probabilities in OpenAI's ``choices[0].logprobs.content`` shape.
-    """
-    num_completion_tokens = len(result.tokens)
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": result.text},
-        "logprobs": _openai_logprobs(result.tokens) if logprobs else None,
-        "finish_reason": openai_finish_reason(result.finish_reason),
-    }
-    return {
-        **_chat_header("chat.completion", model, request_id, created),
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": num_prompt_tokens,
-            "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens,
-        },
-    }
-
-
-def chat_completion_chunk(
-    token: TokenOutput,
-    *,
-    model: str,
-    request_id: str,
-    created: int,
-    first: bool,
-    logprobs: bool = False,
-) -> dict:
-    """One OpenAI ``chat.completion.chunk``: the token's text as ``delta.content``.
-
-    The first chunk's delta also carries ``role: assistant``; the last one (the token with a
-    ``finish_reason``) carries the OpenAI finish reason, the others ``null``.
-    """
-    delta = {"role": "assistant", "content": token.text} if first else {"content": token.text}
-    choice = {
-        "index": 0,
-        "delta": delta,
-        "logprobs": _openai_logprobs([token]) if logprobs else None,
-        "finish_reason": openai_finish_reason(token.finish_reason),
-    }
-    header = _chat_header("chat.completion.chunk", model, request_id, created)
-    return {**header, "choices": [choice]}
-
-
-def openai_finish_reason(reason: FinishReason | None) -> str | None:
-    """OpenAI's name for a finish reason: ``length`` stays, EOS and stop sequences are ``stop``."""
-    return None if reason is None else _OPENAI_FINISH_REASONS[reason]
-
-
-def _chat_header(object_name: str, model: str, request_id: str, created: int) -> dict:
-    return {"id": request_id, "object": object_name, "created": created, "model": model}
-
-
-def _openai_logprobs(tokens: list[TokenOutput]) -> dict:
-    return {
-        "content": [
-            {
-                "token": token.text,
-                "logprob": _json_float(token.log_prob),
-                "bytes": list(token.text.encode("utf-8")),
-                "top_logprobs": [],
-            }
-            for token in tokens
-        ]
-    }

@@ -1,5 +1,5 @@
 """A fuzz of malformed requests against a real server: every one is answered 4xx with the JSON
-error shape, and the server is as healthy afterwards as before (no 5xx, no traceback, no
+error shape (OpenAI's on /v1), and the server is as healthy afterwards as before (no 5xx, no traceback, no
 sequence or KV block left behind)."""
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ TYPES = {
     "do-sample-string": generation(do_sample="yes"),
     "details-number": generation(details=1),
     "stream-string": body(inputs="hi", stream="true"),
-    "chat-n-2": chat(n=2),
+    "chat-n-zero": chat(n=0),
+    "chat-top-logprobs-without-logprobs": chat(top_logprobs=2),
+    "chat-logit-bias-not-a-token": chat(logit_bias={"the": 5}),
     "chat-logprobs-string": chat(logprobs="yes"),
 }
 RANGES = {
@@ -186,7 +188,8 @@ def assert_json_4xx(reply: bytes) -> dict:
     status = int(head.split(b" ", 2)[1])
     assert 400 <= status < 500, reply[:600]
     assert b"content-type: application/json" in head.lower(), reply[:600]
-    error = json.loads(rest[:_response_length(reply) - len(head) - 4])
+    body = json.loads(rest[:_response_length(reply) - len(head) - 4])
+    error = body.get("error", body)  # OpenAI's {"error": {...}} on /v1 routes
     assert error["code"] == status and error["type"] and error["message"], error
     return error
 

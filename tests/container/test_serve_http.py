@@ -303,7 +303,8 @@ def test_chat_route_refuses_a_generation_body(paged_server):
     response = requests.post(paged_server.url + "/v1/chat/completions", json={"inputs": "hi"},
                              timeout=30)
     assert response.status_code == 400
-    assert "messages" in response.json()["message"]
+    error = response.json()["error"]  # OpenAI's error shape on /v1
+    assert error["param"] == "messages" and "messages is missing" in error["message"]
 
 
 def test_unknown_route_is_a_json_404(paged_server):
@@ -332,8 +333,10 @@ def test_lone_surrogate_is_a_400_naming_the_field_on_every_route(paged_server, r
     response = requests.post(paged_server.url + route, data=raw, timeout=30,
                              headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
-    assert response.json()["type"] == "BadRequest"
-    assert named in response.json()["message"] and "lone surrogate" in response.json()["message"]
+    body = response.json()
+    error = body["error"] if route.startswith("/v1/") else body  # OpenAI's error shape on /v1
+    assert error["type"] == ("invalid_request_error" if route.startswith("/v1/") else "BadRequest")
+    assert named in error["message"] and "lone surrogate" in error["message"]
     assert_still_serving(paged_server)
 
 
@@ -596,3 +599,26 @@ def test_missing_model_folder_stops_serve(tmp_path):
     assert finished.returncode == 2
     assert str(missing) in finished.stderr
     assert "does not exist" in finished.stderr
+
+
+# --- the aliases users of other servers probe --------------------------------------------------
+
+
+def test_health_answers_as_ping(paged_server):
+    response = requests.get(paged_server.url + "/health", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == requests.get(paged_server.url + "/ping", timeout=10).json()
+
+
+def test_tgi_generate_and_generate_stream_answer_like_invocations(paged_server):
+    request = greedy("Text generation inference", 6, details=True)
+    lmi = invoke(paged_server, request).json()
+    whole = requests.post(paged_server.url + "/generate", json={**request, "stream": True}, timeout=30)
+    assert whole.status_code == 200 and whole.json() == lmi  # /generate never streams
+    streamed = requests.post(paged_server.url + "/generate_stream", json=request, timeout=30, stream=True)
+    assert streamed.headers["Content-Type"].startswith("text/event-stream")
+    events = stream_events(streamed, "sse")
+    assert [event["token"]["id"] for event in events] == [token["id"] for token in lmi["details"]["tokens"]]
+    assert events[-1]["generated_text"] == lmi["generated_text"]
+    refused = requests.post(paged_server.url + "/generate_stream", json=greedy(["a", "b"], 2), timeout=30)
+    assert refused.status_code == 400 and "one prompt" in refused.json()["message"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from djl_like.config import ServingConfig, Strategy, choose_strategy, load_config
+from djl_like.config import ServingConfig, Strategy, choose_strategy, load_config, served_model_name
 from djl_like.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -71,6 +71,7 @@ def test_defaults():
         ("option.trust_remote_code", "False", "trust_remote_code", False),
         ("option.enable_prefix_caching", "true", "enable_prefix_caching", True),
         ("option.apply_chat_template", "true", "apply_chat_template", True),
+        ("option.served_model_name", "my-llama", "served_model_name", "my-llama"),
         ("option.block_size", "1", "block_size", 1),
         ("option.block_size", "1024", "block_size", 1024),
         ("option.max_kv_cache_tokens", "8192", "max_kv_cache_tokens", 8192),
@@ -349,3 +350,15 @@ def test_enable_chunked_prefill_true_is_accepted_and_false_refused():
         {"option.enable_chunked_prefill": "true"}).unknown
     with pytest.raises(ConfigError, match=r"option.enable_chunked_prefill='false' is not supported"):
         ServingConfig.from_properties({"option.enable_chunked_prefill": "false"})
+
+
+@pytest.mark.parametrize("properties, model_path, expected", [
+    ({"option.served_model_name": "chat-model"}, "/opt/ml/model", "chat-model"),
+    ({}, "/opt/ml/model/", "model"),
+    ({"option.model_id": "/models/Llama-3-8B"}, "/models/Llama-3-8B", "Llama-3-8B"),
+    ({"option.model_id": "s3://bucket/prefix/llama/"}, "/tmp/cache/abc", "llama"),
+    ({"option.model_id": "org/tiny"}, "/root/.cache/hf/snapshots/123", "tiny"),
+])
+def test_served_model_name_defaults_to_the_model_folders_name(properties, model_path, expected):
+    config = ServingConfig.from_properties(properties, model_dir="/opt/ml/model")
+    assert served_model_name(config, model_path) == expected

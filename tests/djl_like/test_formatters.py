@@ -1,4 +1,5 @@
-"""Output shapes: LMI JSON responses, jsonlines/SSE streams, OpenAI chat objects, error bodies."""
+"""Output shapes: LMI JSON responses, jsonlines/SSE streams, error bodies (OpenAI shapes:
+test_openai_formatters.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,8 @@ import pytest
 
 from djl_like.errors import BadRequestError, DeviceOutOfMemoryError, PayloadTooLargeError
 from djl_like.formatters import (
-    chat_completion_chunk,
-    chat_stream_end,
     content_type,
     error_body,
-    format_chat_completion,
     format_generation,
     format_response,
     frame,
@@ -156,12 +154,6 @@ def test_response_needs_one_result_per_prompt():
         format_response(request, [make_result("a")])
 
 
-def test_chat_requests_are_not_formatted_as_lmi_responses():
-    request = request_for({"messages": [{"role": "user", "content": "hi"}]})
-    with pytest.raises(ValueError):
-        format_response(request, [make_result()])
-
-
 # --- streaming ---------------------------------------------------------------------------
 
 
@@ -262,88 +254,6 @@ def test_content_types(formatter, expected):
 def test_unknown_formatter_has_no_content_type():
     with pytest.raises(ValueError):
         content_type("xml")
-
-
-@pytest.mark.parametrize("formatter, expected", [("sse", b"data: [DONE]\n\n"), ("jsonlines", b"")])
-def test_chat_stream_end(formatter, expected):
-    assert chat_stream_end(formatter) == expected
-
-
-# --- OpenAI chat -------------------------------------------------------------------------
-
-CHAT_IDS = {"model": "smollm2", "request_id": "chatcmpl-1", "created": 1_700_000_000}
-
-
-def test_chat_completion_shape():
-    result = make_result(finish_reason=FinishReason.EOS)
-    completion = format_chat_completion(result, num_prompt_tokens=11, **CHAT_IDS)
-    assert completion == {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": "smollm2",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": " a cool field"},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
-    }
-
-
-@pytest.mark.parametrize(
-    "reason, expected",
-    [
-        (FinishReason.LENGTH, "length"),
-        (FinishReason.EOS, "stop"),
-        (FinishReason.STOP_SEQUENCE, "stop"),
-    ],
-)
-def test_chat_finish_reason_uses_openai_names(reason, expected):
-    result = make_result(finish_reason=reason)
-    completion = format_chat_completion(result, num_prompt_tokens=1, **CHAT_IDS)
-    assert completion["choices"][0]["finish_reason"] == expected
-
-
-def test_chat_completion_logprobs_when_requested():
-    result = make_result(pieces=(" a", "é"))
-    completion = format_chat_completion(result, num_prompt_tokens=1, logprobs=True, **CHAT_IDS)
-    assert completion["choices"][0]["logprobs"] == {
-        "content": [
-            {"token": " a", "logprob": -0.5, "bytes": [32, 97], "top_logprobs": []},
-            {"token": "é", "logprob": -1.0, "bytes": [195, 169], "top_logprobs": []},
-        ]
-    }
-
-
-def test_chat_chunks_role_first_content_always_finish_reason_last():
-    result = make_result(finish_reason=FinishReason.LENGTH)
-    chunks = [
-        chat_completion_chunk(token, first=i == 0, **CHAT_IDS)
-        for i, token in enumerate(result.tokens)
-    ]
-    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 3
-    headers = {(c["id"], c["model"], c["created"]) for c in chunks}
-    assert headers == {("chatcmpl-1", "smollm2", 1_700_000_000)}
-    assert [c["choices"][0]["delta"] for c in chunks] == [
-        {"role": "assistant", "content": " a"},
-        {"content": " cool"},
-        {"content": " field"},
-    ]
-    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
-    assert all(c["choices"][0]["index"] == 0 for c in chunks)
-
-
-def test_single_token_chat_stream_has_role_and_finish_reason_together():
-    token = TokenOutput(7, "Hi", -0.1, FinishReason.STOP_SEQUENCE)
-    chunk = chat_completion_chunk(token, first=True, logprobs=True, **CHAT_IDS)
-    choice = chunk["choices"][0]
-    assert choice["delta"] == {"role": "assistant", "content": "Hi"}
-    assert choice["finish_reason"] == "stop"
-    assert choice["logprobs"]["content"][0]["logprob"] == -0.1
 
 
 # --- errors ------------------------------------------------------------------------------

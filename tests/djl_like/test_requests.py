@@ -159,7 +159,7 @@ def test_defaults_are_the_lmi_defaults():
     assert params.is_greedy
     assert (request.stream, request.output_formatter) == (False, "json")
     assert request.unknown_parameters == ()
-    assert request.messages is None
+    assert not request.is_chat
 
 
 def test_null_parameters_mean_defaults():
@@ -443,7 +443,7 @@ def test_chat_body_is_parsed_with_messages_and_no_prompts():
     assert request.is_chat
     assert request.messages == tuple(messages)
     assert request.prompts == ()
-    assert request.is_batch is False
+    assert request.n == 1
     assert request.unknown_parameters == ()
     assert (request.stream, request.output_formatter) == (False, "json")
 
@@ -452,7 +452,7 @@ def test_chat_without_temperature_is_greedy_with_lmi_defaults():
     params = parse({"messages": USER_HI}).params
     assert params.do_sample is False
     assert params.max_new_tokens == 30
-    assert params.details is False
+    assert params.logprobs is None
 
 
 def test_chat_openai_parameters_map_to_generation_params():
@@ -474,7 +474,7 @@ def test_chat_openai_parameters_map_to_generation_params():
     assert params.top_p == 0.9
     assert params.stop_sequences == ("\n",)
     assert params.seed == 7
-    assert params.details is True
+    assert params.logprobs == 0  # logprobs without top_logprobs: the sampled token only
     assert params.frequency_penalty == 0.5
     assert params.presence_penalty == -0.5
 
@@ -516,9 +516,9 @@ def test_chat_stream_selection_follows_the_same_rule(stream, default, expected):
     assert (request.stream, request.output_formatter) == expected
 
 
-def test_chat_unknown_keys_are_listed_and_model_is_not():
-    request = parse({"messages": USER_HI, "model": "gpt", "tools": [], "user": "u1"})
-    assert set(request.unknown_parameters) == {"tools", "user"}
+def test_chat_unknown_keys_are_listed_and_model_user_and_empty_tools_are_not():
+    request = parse({"messages": USER_HI, "model": "gpt", "tools": [], "user": "u1", "store": True})
+    assert set(request.unknown_parameters) == {"store"}
 
 
 @pytest.mark.parametrize(
@@ -562,7 +562,15 @@ def test_bad_chat_messages_are_400_naming_the_index(messages, field):
         ("stream", "yes"),
         ("frequency_penalty", "high"),
         ("presence_penalty", 9),
-        ("n", 2),
+        ("n", 0),
+        ("n", 1000),
+        ("top_logprobs", 21),
+        ("logit_bias", {"x": 1}),
+        ("logit_bias", {"5": 101}),
+        ("tools", [{"type": "function"}]),
+        ("response_format", {"type": "json_object"}),
+        ("best_of", 3),
+        ("stream_options", {"include_usage": True}),  # without stream: true
     ],
 )
 def test_bad_chat_parameter_is_400_naming_it(name, value):
