@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -43,6 +46,9 @@ GRACEFUL_SHUTDOWN_S = 30
 # timeout: the margin writes those last responses.
 DRAIN_TIMEOUT_S = GRACEFUL_SHUTDOWN_S - 5
 CONFIG_ERROR_EXIT = 2
+# prometheus_client's multi-process mode: each worker writes its metrics to files in this folder
+# and /metrics merges them (see container.metrics).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _OPTIONAL_SETTINGS = frozenset({"control_socket_disable"})
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
@@ -67,25 +73,35 @@ class ServingApplication(BaseApplication):
         from container.app import create_app  # NOTE: keeps torch out of the master process
 
         app = create_app(self.config, self.model_path)
-        _stop_on_config_error(app.extensions["lmi_engine_loader"])
+        _stop_on_load_failure(app.extensions["lmi_engine_loader"])
         return app
 
 
-def _stop_on_config_error(loader) -> None:
-    """Stop the whole server when loading finds a setting impossible for this model.
+def _stop_on_load_failure(loader) -> None:
+    """Stop the whole server, with the reason in one line, when the model cannot be loaded.
 
-    Some settings can only be checked against the loaded model (``option.max_model_len`` beyond
-    its positions, a KV cache too small for one block, an unsupported ``option.task``). Like an
-    invalid serving.properties, they stop the container with the message, rather than leaving
-    it answering 503 forever: gunicorn halts when a worker exits with its boot-error status.
+    Whatever the cause (a setting only the loaded model can refuse, such as
+    ``option.max_model_len`` beyond its positions; a truncated or unreadable weights file; a
+    handler that fails to import), a worker without a model would answer ``/ping`` 503 forever
+    and the platform would never replace it. gunicorn halts when a worker exits with its
+    boot-error status, so ``serve`` exits non-zero.
     """
     def watch() -> None:
         loader.loaded.wait()
-        if isinstance(loader.error, ConfigError):
-            print(f"serve: invalid configuration: {loader.error}", file=sys.stderr, flush=True)
+        if loader.error is not None:
+            print(load_failure_line(loader.error), file=sys.stderr, flush=True)
             os._exit(Arbiter.WORKER_BOOT_ERROR)
 
-    threading.Thread(target=watch, name="config-watch", daemon=True).start()
+    threading.Thread(target=watch, name="load-watch", daemon=True).start()
+
+
+def load_failure_line(error: BaseException) -> str:
+    """The one line ``serve`` prints when the model could not be loaded."""
+    if isinstance(error, ConfigError):
+        reason = f"invalid configuration: {error}"
+    else:
+        reason = f"the model could not be loaded: {type(error).__name__}: {error}"
+    return "serve: " + " ".join(reason.split())  # NOTE: one line, whatever the message holds
 
 
 class PromptShutdownThreadWorker(ThreadWorker):
@@ -196,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"serve: invalid configuration: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
     port = args.port or config.port
-    options = gunicorn_options(config, args.host, port, args.threads)
+    metrics_dir, made = prepare_metrics_dir(os.environ)
+    options = gunicorn_options(config, args.host, port, args.threads, metrics_dir if made else None)
     logger.info("serving %s on %s:%d with %s batching, %d worker(s)", model_path, args.host, port,
                 config.strategy.value, config.num_workers)
     ServingApplication(config, model_path, options).run()
@@ -275,10 +292,45 @@ def _default_model_path() -> str:
     return child.stdout.strip().splitlines()[-1]
 
 
-def gunicorn_options(config: ServingConfig, host: str, port: int, threads: int | None) -> dict:
-    """gunicorn settings: threaded workers, one per model copy, no preload, logs to stdio."""
+def prepare_metrics_dir(env) -> tuple[str, bool]:
+    """Give the workers a folder for their metrics files (``PROMETHEUS_MULTIPROC_DIR``): the
+    user's, emptied of a previous run's files, or a new temporary one; (folder, whether it is
+    new). Set in ``env`` before any worker starts: prometheus_client reads it at import."""
+    folder = env.get(METRICS_DIR_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, "*.db")):
+            os.remove(stale)
+        return folder, False
+    folder = tempfile.mkdtemp(prefix="lmi-metrics-")
+    env[METRICS_DIR_ENV] = folder
+    return folder, True
+
+
+def _worker_exited(server, worker) -> None:
+    """gunicorn's child_exit hook: a dead worker's gauges leave the sums of /metrics."""
+    from prometheus_client import multiprocess  # NOTE: after PROMETHEUS_MULTIPROC_DIR was set
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def _remove_metrics_dir(folder: str):
+    def on_exit(server) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return on_exit
+
+
+def gunicorn_options(config: ServingConfig, host: str, port: int, threads: int | None,
+                     made_metrics_dir: str | None = None) -> dict:
+    """gunicorn settings: threaded workers, one per model copy, no preload, logs to stdio.
+    ``made_metrics_dir``: the metrics folder ``serve`` made, removed when gunicorn exits."""
     threads = threads or min(max(config.job_queue_size, MIN_THREADS), MAX_THREADS)
+    hooks = {"child_exit": _worker_exited}
+    if made_metrics_dir is not None:
+        hooks["on_exit"] = _remove_metrics_dir(made_metrics_dir)
     return {
+        **hooks,
         "bind": f"{host}:{port}",
         "workers": config.num_workers,
         "worker_class": PromptShutdownThreadWorker,
