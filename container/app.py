@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from flask import Flask, Response, jsonify, request
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, NotFound
 
 from batching.engine import Engine, EngineObserver, HandleGroup, RequestHandle
@@ -483,7 +484,8 @@ def _read_chunk(size: int) -> bytes:
     """Up to ``size`` bytes of the body; a body whose framing is broken is a 400."""
     try:
         return request.stream.read(size)
-    except OSError as error:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, NoMoreData ...
+    except (OSError, ParseException) as error:  # InvalidChunkSize, ChunkMissingTerminator, NoMoreData ...
+        # NOTE: gunicorn 26 raises these as OSError subclasses, gunicorn 27 as ParseException.
         _flag_broken_framing()
         detail = str(error) or "the connection ended before the body did"
         raise BadRequestError(f"request body could not be read: {type(error).__name__}: "
