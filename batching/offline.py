@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from batching.devices import copy_devices
 from batching.engine import Engine
 from batching.registry import batcher_class, is_contiguous
 from batching.runner import ModelRunner
@@ -24,9 +25,11 @@ def create_engine(config: ServingConfig, model_path: str, runner: ModelRunner | 
     if config.task not in (None, "text-generation"):
         raise ConfigError(f"option.task={config.task!r}: this is the text-generation engine; `serve` serves "
                           "text embedding with batching.embedding_engine")
-    runner = runner or ModelRunner(model_path, dtype=config.dtype, device=config.device,
-                                   trust_remote_code=config.trust_remote_code, revision=config.revision,
-                                   tensor_parallel_degree=tensor_parallel_degree(config))
+    if runner is None:
+        degree = tensor_parallel_degree(config)
+        device, _ = copy_devices(config.device, degree)
+        runner = ModelRunner(model_path, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code,
+                             revision=config.revision, tensor_parallel_degree=degree)
     scheduler_config = size_kv_cache(config, runner)
     batcher = batcher_class(config.strategy.value)(scheduler_config)
     logger.info("strategy %s: %s", config.strategy.value, scheduler_config)
@@ -43,8 +46,6 @@ def tensor_parallel_degree(config: ServingConfig) -> int:
         if degree == 0:
             raise ConfigError("option.tensor_parallel_degree=max needs GPUs and none is visible; "
                               "give a number of ranks (on CPU each rank is a process over the same cores)")
-    if degree > 1 and config.device != "cpu" and torch.cuda.is_available() and degree > torch.cuda.device_count():
-        raise ConfigError(f"option.tensor_parallel_degree={degree} exceeds the {torch.cuda.device_count()} visible GPUs")
     return degree
 
 

@@ -90,7 +90,7 @@ class ModelRunner:
         if group is None and tensor_parallel_degree > 1:
             group = tensor_parallel.start_leader(tensor_parallel_degree, model_path, dtype=dtype,
                                                  device_type=self.device.type, trust_remote_code=trust_remote_code,
-                                                 revision=revision)
+                                                 revision=revision, first_device=self.device.index or 0)
         self.group = group
         try:
             self._load(model_path, config, trust_remote_code, revision)

@@ -62,13 +62,14 @@ class GroupSpec:
     trust_remote_code: bool = False
     revision: str | None = None
     timeout_s: float = 600.0
+    first_device: int = 0  # CUDA: rank r computes on GPU first_device + r (batching.devices)
 
     @property
     def backend(self) -> str:
         return "nccl" if self.device_type == "cuda" else "gloo"
 
     def device(self, rank: int) -> str:
-        return f"cuda:{rank}" if self.device_type == "cuda" else "cpu"
+        return f"cuda:{self.first_device + rank}" if self.device_type == "cuda" else "cpu"
 
 
 class Group:
@@ -79,7 +80,7 @@ class Group:
         self.rank = rank
         self.world_size = spec.world_size
         if spec.device_type == "cuda":
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(spec.first_device + rank)
         else:
             # NOTE: N ranks on one host share its cores; more threads than cores thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
@@ -182,9 +183,9 @@ def _exit_process(reason: str) -> None:
 
 
 def start_leader(world_size: int, model_path: str, *, dtype: str, device_type: str,
-                 trust_remote_code: bool = False, revision: str | None = None) -> Leader:
+                 trust_remote_code: bool = False, revision: str | None = None, first_device: int = 0) -> Leader:
     spec = GroupSpec(world_size, f"tcp://127.0.0.1:{_free_port()}", model_path, dtype, device_type,
-                     trust_remote_code, revision)
+                     trust_remote_code, revision, first_device=first_device)
     return Leader(spec)
 
 

@@ -28,6 +28,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
+from batching.devices import COPY_SLOT_VARIABLE
 from djl_like.config import DEFAULT_MODEL_DIR, ServingConfig, load_config
 from djl_like.errors import ConfigError
 
@@ -321,12 +322,24 @@ def _remove_metrics_dir(folder: str):
     return on_exit
 
 
+def _assign_copy_slot(server, worker) -> None:
+    """In the master, before a worker forks: the lowest model-copy slot no live worker holds, so
+    a replaced worker takes over its predecessor's devices (batching.offline.copy_device)."""
+    taken = {getattr(other, "lmi_copy_slot", None) for other in server.WORKERS.values()}
+    worker.lmi_copy_slot = next(slot for slot in range(len(taken) + 1) if slot not in taken)
+
+
+def _export_copy_slot(server, worker) -> None:
+    os.environ[COPY_SLOT_VARIABLE] = str(worker.lmi_copy_slot)
+    logger.info("worker %d serves model copy %d", os.getpid(), worker.lmi_copy_slot)
+
+
 def gunicorn_options(config: ServingConfig, host: str, port: int, threads: int | None,
                      made_metrics_dir: str | None = None) -> dict:
     """gunicorn settings: threaded workers, one per model copy, no preload, logs to stdio.
     ``made_metrics_dir``: the metrics folder ``serve`` made, removed when gunicorn exits."""
     threads = threads or min(max(config.job_queue_size, MIN_THREADS), MAX_THREADS)
-    hooks = {"child_exit": _worker_exited}
+    hooks = {"child_exit": _worker_exited, "pre_fork": _assign_copy_slot, "post_fork": _export_copy_slot}
     if made_metrics_dir is not None:
         hooks["on_exit"] = _remove_metrics_dir(made_metrics_dir)
     return {
