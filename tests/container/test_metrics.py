@@ -50,6 +50,10 @@ def total(samples: dict, name: str, **labels: str) -> float:
                if sample == name and wanted <= sample_labels)
 
 
+def growth(before: dict, after: dict, name: str, **labels: str) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
 def generate(server, prompt: str, max_new_tokens: int) -> requests.Response:
     return requests.post(server.url + "/invocations", timeout=60, json={
         "inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos": True}})
@@ -62,10 +66,14 @@ def test_counters_and_histograms_move_with_requests(paged):
     assert [answer.status_code for answer in answers] == [200] * 12
     refused = requests.post(paged.url + "/invocations", json={"inputs": ""}, timeout=10)
     assert refused.status_code == 400
+    # NOTE: the engine reports a request's end and its step's totals just after emitting the
+    # last token, so a scrape may come a moment before them.
+    assert wait_until(lambda: growth(before, scrape(paged), "lmi:generation_tokens_total") == 60
+                      and growth(before, scrape(paged), "lmi:request_success_total") == 12)
     after = scrape(paged)
 
     def grew(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
+        return growth(before, after, name, **labels)
 
     assert grew("lmi:http_requests_total", route="/invocations", status="200", model_name="tiny") == 12
     assert grew("lmi:http_requests_total", route="/invocations", status="400") == 1
@@ -103,14 +111,14 @@ def test_preemptions_prefix_hits_and_openai_routes_are_counted(paged):
     answer = sdk(paged).completions.create(model="tiny", prompt=prompt, max_tokens=100, n=3,
                                            temperature=1.0, seed=1, extra_body={"ignore_eos": True})
     assert [choice.finish_reason for choice in answer.choices] == ["length"] * 3
+    assert wait_until(lambda: growth(before, scrape(paged), "lmi:generation_tokens_total") == 300
+                      and growth(before, scrape(paged), "lmi:request_success_total", finished_reason="length") == 3)
     after = scrape(paged)
-    assert total(after, "lmi:num_preemptions_total") > total(before, "lmi:num_preemptions_total")
-    hits = total(after, "lmi:prefix_cache_hits_total") - total(before, "lmi:prefix_cache_hits_total")
+    assert growth(before, after, "lmi:num_preemptions_total") > 0
+    hits = growth(before, after, "lmi:prefix_cache_hits_total")
     assert hits >= 2 * 16 * ((answer.usage.prompt_tokens - 1) // 16)
-    assert total(after, "lmi:prefix_cache_queries_total") - total(before, "lmi:prefix_cache_queries_total") >= hits
-    assert total(after, "lmi:http_requests_total", route="/v1/completions", status="200") >= 1
-    assert total(after, "lmi:request_success_total", finished_reason="length") - total(
-        before, "lmi:request_success_total", finished_reason="length") == 3
+    assert growth(before, after, "lmi:prefix_cache_queries_total") >= hits
+    assert growth(before, after, "lmi:http_requests_total", route="/v1/completions", status="200") == 1
 
 
 def test_a_client_that_leaves_is_counted_as_aborted(paged):
