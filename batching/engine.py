@@ -608,6 +608,8 @@ class Engine:
         return {
             **self.batcher.stats(),
             "healthy": self.is_healthy,
+            # The OpenMP threads a CPU forward uses (option.cpu_threads, see container/serve.py).
+            "cpu_threads": torch.get_num_threads(),
             "steps": counters.steps,
             "tokens_generated": counters.tokens_generated,
             "tokens_computed": counters.tokens_computed,

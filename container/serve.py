@@ -213,11 +213,34 @@ def main(argv: list[str] | None = None) -> None:
         print(f"serve: invalid configuration: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
     port = args.port or config.port
+    threads = set_cpu_threads(config, os.environ)
     metrics_dir, made = prepare_metrics_dir(os.environ)
     options = gunicorn_options(config, args.host, port, args.threads, metrics_dir if made else None)
-    logger.info("serving %s on %s:%d with %s batching, %d worker(s)", model_path, args.host, port,
-                config.strategy.value, config.num_workers)
+    logger.info("serving %s on %s:%d with %s batching, %d worker(s), %s CPU thread(s) each", model_path,
+                args.host, port, config.strategy.value, config.num_workers, threads)
     ServingApplication(config, model_path, options).run()
+
+
+# Variables the CPU math libraries read when they start (in each worker, which imports torch).
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def set_cpu_threads(config: ServingConfig, env) -> str:
+    """Give each model copy its share of the host's cores, before the workers start.
+
+    NOTE: torch's default (every core) in each of several copies, or on a host where other
+    processes run, makes OpenMP threads wait for each other: a decode step measured 177 ms on an
+    idle 2-core machine and 548 ms with another process on one core. ``option.cpu_threads`` wins;
+    else an ``OMP_NUM_THREADS`` the user set is kept; else cores available to this process /
+    model copies.
+    """
+    if config.cpu_threads is None and "OMP_NUM_THREADS" in env:
+        return env["OMP_NUM_THREADS"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(config.cpu_threads or max(1, cores // config.num_workers))
+    for variable in _THREAD_VARIABLES:
+        env[variable] = threads
+    return threads
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -111,6 +111,7 @@ class ServingConfig:
     normalize: bool = True
     truncate: bool = False  # cut inputs longer than the model's limit instead of refusing them
     predict_timeout_s: float = 120.0
+    cpu_threads: int | None = None  # CPU threads per model copy; None: the host's cores / copies
     max_payload_bytes: int = 6 * MEBIBYTE
     port: int = 8080
     unknown: Mapping[str, str] = field(default_factory=FrozenMapping)
@@ -282,6 +283,7 @@ _KEYS: dict[str, _Key] = {
     # Server level.
     "engine": _Key("engine", _choice({"Python": "Python", "MPI": "MPI"})),
     "batch_size": _Key("batch_size", _positive_integer),
+    "option.cpu_threads": _Key("cpu_threads", _positive_integer),
     "max_batch_delay": _Key("max_batch_delay_ms", _integer(0)),
     "job_queue_size": _Key("job_queue_size", _positive_integer),
     "minWorkers": _Key(None, _positive_integer),
