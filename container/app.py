@@ -342,20 +342,27 @@ class _Server:
     started: int  # Unix time, the "created" of /v1/models
 
 
-def _register_routes(app: Flask, server: _Server) -> None:
-    drain, loader = server.drain, server.loader
-
+def register_health_routes(app: Flask, drain: Drain, health: Callable[[], tuple[int, dict]],
+                           stats: Callable[[], dict]) -> None:
+    """``/ping`` (and ``/health``, the name vLLM and TGI users probe) and ``/stats``, the same in
+    every mode: 503 while draining or not ready, else what ``health`` says."""
     @app.get("/ping")
-    @app.get("/health")  # the name vLLM and TGI users probe
+    @app.get("/health")
     def ping() -> Response:
         if drain.started.is_set():
             return _json({"status": "draining"}, 503)
-        status, body = loader.health()
+        status, body = health()
         return _json(body, status)
 
     @app.get("/stats")
-    def stats() -> Response:
-        return _json(loader.engine().stats())
+    def stats_route() -> Response:
+        return _json(stats())
+
+
+def _register_routes(app: Flask, server: _Server) -> None:
+    drain, loader = server.drain, server.loader
+
+    register_health_routes(app, drain, loader.health, lambda: loader.engine().stats())
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -14,7 +14,7 @@ from flask import Flask, Response
 
 from batching.embedding_engine import EmbeddingEngine, create_embedding_engine
 from container.app import (IGNORED_PARAMETERS_HEADER, Drain, _admitted, _header_safe, _json, _read_body,
-                           _register_error_handlers)
+                           _register_error_handlers, register_health_routes)
 from container.service_loader import ServiceLoader
 from djl_like.config import ServingConfig
 from djl_like.embedding_formatters import format_embeddings, format_openai_embeddings
@@ -40,16 +40,7 @@ def create_embedding_app(config: ServingConfig, model_path: str) -> Flask:
 
 
 def _register_routes(app: Flask, config: ServingConfig, loader: ServiceLoader, drain: Drain, model: str) -> None:
-    @app.get("/ping")
-    def ping() -> Response:
-        if drain.started.is_set():
-            return _json({"status": "draining"}, 503)
-        status, body = loader.health()
-        return _json(body, status)
-
-    @app.get("/stats")
-    def stats() -> Response:
-        return _json(loader.service().stats())
+    register_health_routes(app, drain, loader.health, lambda: loader.service().stats())
 
     @app.post("/invocations")
     def invocations() -> Response:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from flask import Flask, Response, request
 
-from container.app import Drain, _admitted, _json, _read_body, _register_error_handlers
+from container.app import Drain, _admitted, _read_body, _register_error_handlers, register_health_routes
 from container.handler_loader import EntryPoint, import_handler, init_properties, install_requirements
 from container.handler_service import HandlerService
 from container.service_loader import ServiceLoader
@@ -63,16 +63,7 @@ def _device_id() -> str:
 
 
 def _register_routes(app: Flask, config: ServingConfig, loader: ServiceLoader, drain: Drain) -> None:
-    @app.get("/ping")
-    def ping() -> Response:
-        if drain.started.is_set():
-            return _json({"status": "draining"}, 503)
-        status, body = loader.health()
-        return _json(body, status)
-
-    @app.get("/stats")
-    def stats() -> Response:
-        return _json(loader.service().stats())
+    register_health_routes(app, drain, loader.health, lambda: loader.service().stats())
 
     @app.post("/invocations")
     def invocations() -> Response:
