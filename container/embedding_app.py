@@ -35,7 +35,7 @@ def create_embedding_app(config: ServingConfig, model_path: str) -> Flask:
     drain = Drain(loader)
     app.extensions["lmi_drain"] = drain
     _register_routes(app, config, loader, drain, _model_name(config, model_path))
-    _register_error_handlers(app)
+    _register_error_handlers(app, openai_errors=True)  # /v1/embeddings answers OpenAI's error object
     return app
 
 

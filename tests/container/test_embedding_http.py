@@ -90,8 +90,12 @@ def test_concurrent_requests_are_batched_and_agree_with_one_alone(embedding_serv
 def test_bad_requests_are_400_naming_the_field(embedding_server, path, body, status, message):
     response = post(embedding_server, path, body)
     assert response.status_code == status
-    assert response.json()["type"] == "BadRequest"
-    assert message in response.json()["message"]
+    if path.startswith("/v1/"):  # OpenAI's error object, what OpenAI clients parse
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and message in error["message"]
+    else:
+        assert response.json()["type"] == "BadRequest"
+        assert message in response.json()["message"]
 
 
 def test_body_over_the_payload_limit_is_413(embedding_server):
