@@ -30,6 +30,7 @@ from batching.engine import Engine, EngineObserver, HandleGroup, RequestHandle
 from batching.offline import create_engine
 from container.metrics import ServerMetrics
 from container.modes import create_mode_app
+from container.service_loader import ServiceLoader
 from djl_like.config import ServingConfig, served_model_name
 from djl_like.errors import (BadRequestError, ConfigError, InternalError, LmiError, RequestTimeoutError,
                              ServiceUnavailableError)
@@ -130,86 +131,34 @@ class Drain:
 # --- the engine, loaded in the background -----------------------------------------------------
 
 
-class EngineLoader:
-    """Holds the worker's engine: loading, ready, or failed. Thread-safe to read."""
+class EngineLoader(ServiceLoader):
+    """Holds the worker's generation engine (see ``ServiceLoader``) and its model's chat renderer."""
 
     def __init__(self, config: ServingConfig, model_path: str, factory: EngineFactory,
                  observer: EngineObserver | None = None):
+        super().__init__(self._build, "text-generation", f"the model {model_path}",
+                         healthy={"strategy": config.strategy.value}, noun="engine")
         self.config = config
         self.model_path = model_path
-        self._factory = factory
+        self._engine_factory = factory
         self._observer = observer
-        self._engine: Engine | None = None
         self._chat_prompts: ChatPrompts | None = None
-        self._error: BaseException | None = None
-        self.loaded = threading.Event()  # set once loading has succeeded or failed
 
-    def start(self) -> None:
-        """Start loading in a daemon thread; returns at once."""
-        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
-
-    def _load(self) -> None:
-        started = time.monotonic()
-        try:
-            engine = self._factory(self.config, self.model_path)
-            self._chat_prompts = ChatPrompts(engine)
-            if self._observer is not None:
-                engine.observer = self._observer
-            engine.start()
-            self._engine = engine
-            logger.info("model %s loaded in %.1f s (%s batching)", self.model_path,
-                        time.monotonic() - started, self.config.strategy.value)
-        except ConfigError as error:  # a setting this model cannot honour: the message says all
-            logger.error("loading the model %s failed: %s", self.model_path, error)
-            self._error = error
-        except BaseException as error:  # noqa: BLE001 - /ping reports it; the worker stays up
-            logger.exception("loading the model %s failed", self.model_path)
-            self._error = error
-        finally:
-            self.loaded.set()
-
-    @property
-    def error(self) -> BaseException | None:
-        """Why loading failed, or None."""
-        return self._error
-
-    def ready_engine(self) -> Engine | None:
-        """The engine once loaded, else None."""
-        return self._engine
-
-    def health(self) -> tuple[int, dict]:
-        """The ``/ping`` status code and body."""
-        if self._error is not None:
-            return 503, {"status": "unhealthy", "message": self._failure_message()}
-        engine = self._engine
-        if engine is None:
-            return 503, {"status": "loading"}
-        if not engine.is_healthy:
-            return 503, {"status": "unhealthy", "message": _engine_failure(engine)}
-        return 200, {"status": "healthy", "strategy": self.config.strategy.value}
+    def _build(self) -> Engine:
+        engine = self._engine_factory(self.config, self.model_path)
+        self._chat_prompts = ChatPrompts(engine)
+        if self._observer is not None:
+            engine.observer = self._observer
+        return engine
 
     def engine(self) -> Engine:
         """The ready engine; raises ``ServiceUnavailableError`` (503) while loading or failed."""
-        if self._error is not None:
-            raise ServiceUnavailableError(self._failure_message())
-        if self._engine is None:
-            raise ServiceUnavailableError(
-                "the model is still loading; retry when /ping answers 200")
-        return self._engine
+        return self.service()
 
     def chat_prompts(self) -> ChatPrompts:
         """The chat renderer of the ready engine's model (see ``engine()``)."""
         self.engine()
         return self._chat_prompts
-
-    def _failure_message(self) -> str:
-        return f"loading the model failed: {type(self._error).__name__}: {self._error}"
-
-
-def _engine_failure(engine: Engine) -> str:
-    if engine.error is not None:
-        return f"the engine stopped: {type(engine.error).__name__}: {engine.error}"
-    return "the engine is not running"
 
 
 class ChatPrompts:

@@ -1,9 +1,9 @@
-"""Loading the service of a non-generation mode (custom handler, text embedding) in the background.
+"""Loading a worker's service (the generation engine, a custom handler, the embedding engine) in
+the background.
 
-The same contract as the generation app's ``EngineLoader``, which ``container.serve`` relies on:
-``loaded`` is set once loading ended, ``error`` says why it failed (a ``ConfigError`` stops
-``serve``), ``ready_engine()`` is what the worker's ``Drain`` shuts down, and ``/ping`` answers
-503 while loading, after a failure, or once the service broke.
+The contract ``container.serve`` relies on: ``loaded`` is set once loading ended, ``error`` says
+why it failed (any failure stops ``serve``), ``ready_engine()`` is what the worker's ``Drain``
+shuts down, and ``/ping`` answers 503 while loading, after a failure, or once the service broke.
 """
 
 from __future__ import annotations
@@ -37,15 +37,21 @@ class Service(Protocol):
 class ServiceLoader:
     """Holds a worker's service: loading, ready, or failed. Thread-safe to read."""
 
-    def __init__(self, factory: Callable[[], Service], mode: str, description: str):
+    def __init__(self, factory: Callable[[], Service], mode: str, description: str, *,
+                 healthy: dict | None = None, noun: str = "service"):
+        """``healthy``: the ``/ping`` body's extra fields when ready (default the mode);
+        ``noun``: what the messages call the service."""
         self._factory = factory
         self.mode = mode
         self.description = description
+        self._healthy = healthy if healthy is not None else {"mode": mode}
+        self._noun = noun
         self._service: Service | None = None
         self._error: BaseException | None = None
         self.loaded = threading.Event()
 
     def start(self) -> "ServiceLoader":
+        """Start loading in a daemon thread; returns at once."""
         threading.Thread(target=self._load, name=f"{self.mode}-loader", daemon=True).start()
         return self
 
@@ -89,11 +95,13 @@ class ServiceLoader:
             return 503, {"status": "loading"}
         if not self._service.is_healthy:
             return 503, {"status": "unhealthy", "message": self._broken_message()}
-        return 200, {"status": "healthy", "mode": self.mode}
+        return 200, {"status": "healthy", **self._healthy}
 
     def _failure_message(self) -> str:
         return f"loading {self.description} failed: {type(self._error).__name__}: {self._error}"
 
     def _broken_message(self) -> str:
         error = self._service.error
-        return "the service stopped" + (f": {type(error).__name__}: {error}" if error is not None else "")
+        if error is None:
+            return f"the {self._noun} is not running"
+        return f"the {self._noun} stopped: {type(error).__name__}: {error}"
