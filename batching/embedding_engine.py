@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer
 
 from batching.dynamic import DynamicBatcher
 from batching.embedding_model import EmbeddingModel
+from batching.inbox import Inbox
 from batching.prompt_bound import PromptSizeBound
 from batching.scheduler import SchedulerConfig
 from batching.sequence import Sequence
@@ -104,8 +104,7 @@ class EmbeddingEngine:
         self._exact, self._truncating = _tokenizers(model.tokenizer, model.max_model_len)
         self._size_bound = PromptSizeBound.of(self._exact)
         self._texts: dict[str, _Text] = {}
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
+        self._inbox = Inbox()
         self._lock = threading.Lock()
         self._num_pending = 0  # texts submitted and not answered: guarded by _lock
         self._thread: threading.Thread | None = None
@@ -126,8 +125,7 @@ class EmbeddingEngine:
         handle = EmbeddingHandle(self, f"emb-{next(_request_ids)}", token_ids)
         texts_in = [_Text(Sequence(ids, EMBEDDING_PARAMS, f"{handle.request_id}:{index}"), handle, index)
                     for index, ids in enumerate(token_ids)]
-        self._inbox.put(("add", texts_in))
-        self._wakeup.set()
+        self._inbox.post("add", texts_in)
         return handle
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -163,8 +161,7 @@ class EmbeddingEngine:
             self._num_pending += num_texts
 
     def abort(self, handle: EmbeddingHandle) -> None:
-        self._inbox.put(("abort", handle))
-        self._wakeup.set()
+        self._inbox.post("abort", handle)
 
     # ---- the thread ---------------------------------------------------------------------------
     def start(self) -> "EmbeddingEngine":
@@ -175,7 +172,7 @@ class EmbeddingEngine:
     def shutdown(self) -> None:
         """Stop after the current batch; texts still waiting fail their requests with 503."""
         self._stopping = True
-        self._wakeup.set()
+        self._inbox.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
             if self._thread.is_alive():
@@ -203,18 +200,10 @@ class EmbeddingEngine:
                 text.handle._fail(ServiceUnavailableError(f"the embedding engine stopped: {error}"))
 
     def _wait_for_work(self) -> None:
-        delay = self.batcher.seconds_until_ready()
-        if delay == 0.0 or not self._inbox.empty():
-            return
-        self._wakeup.wait(timeout=delay if delay is not None else 1.0)
-        self._wakeup.clear()
+        self._inbox.wait(self.batcher.seconds_until_ready())
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload in self._inbox.drain():
             if kind == "add":
                 for text in payload:
                     self._texts[text.seq.request_id] = text

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from batching.detokenizer import IncrementalDetokenizer
+from batching.inbox import Inbox
 from batching.prompt_bound import PromptSizeBound
 from batching.runner import ModelRunner
 from batching.sampler import Sampler, SamplerOutput
@@ -227,8 +228,7 @@ class Engine:
         # Later choices of n > 1 requests, by the request id of the choice computing the prompt.
         self._held: dict[str, list[_RequestState]] = {}
         self._token_texts: dict[int, str] = {}  # engine thread only
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
+        self._inbox = Inbox()
         self._num_pending = 0  # submitted and not finished: guarded by _lock
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -271,8 +271,7 @@ class Engine:
         states = [_RequestState(seq, RequestHandle(self, seq.request_id, text, len(token_ids), group),
                                 IncrementalDetokenizer(self.tokenizer, seq.params.stop_sequences))
                   for seq in seqs]
-        self._inbox.put(("add", states))
-        self._wakeup.set()
+        self._inbox.post("add", states)
         return [state.handle for state in states]
 
     def _prompt_token_ids(self, prompt: str | list[int], params: GenerationParams,
@@ -313,8 +312,7 @@ class Engine:
                 f"({params.max_new_tokens}) exceeds the model length limit of {max_model_len} tokens")
 
     def abort(self, request_id: str, reason: AbortReason = AbortReason.CANCELLED) -> None:
-        self._inbox.put(("abort", (request_id, reason)))
-        self._wakeup.set()
+        self._inbox.post("abort", (request_id, reason))
 
     @property
     def max_model_len(self) -> int:
@@ -331,7 +329,7 @@ class Engine:
         """Stop the thread after its current step; requests still in the engine then fail with
         ServiceUnavailableError (their clients get a 503 or a last error frame)."""
         self._stopping = True
-        self._wakeup.set()
+        self._inbox.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
             if self._thread.is_alive() or self.error is not None:
@@ -367,18 +365,10 @@ class Engine:
                 state.handle.put(error)
 
     def _wait_for_work(self) -> None:
-        delay = self.batcher.seconds_until_ready()
-        if delay == 0.0 or not self._inbox.empty():
-            return
-        self._wakeup.wait(timeout=delay if delay is not None else 1.0)
-        self._wakeup.clear()
+        self._inbox.wait(self.batcher.seconds_until_ready())
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload in self._inbox.drain():
             if kind == "add":
                 self._add(*payload)
             else:
