@@ -73,15 +73,22 @@ def create_app(
     metrics = ServerMetrics(model)
     loader = EngineLoader(config, model_path, engine_factory, observer=metrics.engine)
     loader.start()
+    app, drain = worker_app(loader, openai_errors=True)
+    _register_routes(app, _Server(config, loader, drain, metrics, model, int(time.time())))
+    _count_responses(app, metrics)
+    return app
+
+
+def worker_app(loader: ServiceLoader, *, openai_errors: bool) -> tuple[Flask, "Drain"]:
+    """A worker's Flask app in any mode: the loader and the drain ``serve`` uses, JSON errors
+    (OpenAI's shape on ``/v1/`` with ``openai_errors``); the mode adds its routes."""
     app = Flask(__name__)
     app.json.sort_keys = False  # keep LMI's field order: generated_text first
     app.extensions["lmi_engine_loader"] = loader
     drain = Drain(loader)
     app.extensions["lmi_drain"] = drain
-    _register_routes(app, _Server(config, loader, drain, metrics, model, int(time.time())))
-    _register_error_handlers(app, openai_errors=True)
-    _count_responses(app, metrics)
-    return app
+    _register_error_handlers(app, openai_errors=openai_errors)
+    return app, drain
 
 
 # --- shutting down ------------------------------------------------------------------------------

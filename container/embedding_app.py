@@ -14,7 +14,7 @@ from flask import Flask, Response
 
 from batching.embedding_engine import EmbeddingEngine, create_embedding_engine
 from container.app import (IGNORED_PARAMETERS_HEADER, Drain, _admitted, _header_safe, _json, _read_body,
-                           _register_error_handlers, register_health_routes)
+                           register_health_routes, worker_app)
 from container.service_loader import ServiceLoader
 from djl_like.config import ServingConfig
 from djl_like.embedding_formatters import format_embeddings, format_openai_embeddings
@@ -29,13 +29,8 @@ def create_embedding_app(config: ServingConfig, model_path: str) -> Flask:
     """The app; the model loads in the background (``/ping`` 503 until it is ready)."""
     loader = ServiceLoader(lambda: create_embedding_engine(config, model_path), MODE,
                            f"the embedding model {model_path}").start()
-    app = Flask(__name__)
-    app.json.sort_keys = False
-    app.extensions["lmi_engine_loader"] = loader
-    drain = Drain(loader)
-    app.extensions["lmi_drain"] = drain
+    app, drain = worker_app(loader, openai_errors=True)  # /v1/embeddings answers OpenAI's error object
     _register_routes(app, config, loader, drain, _model_name(config, model_path))
-    _register_error_handlers(app, openai_errors=True)  # /v1/embeddings answers OpenAI's error object
     return app
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from flask import Flask, Response, request
 
-from container.app import Drain, _admitted, _read_body, _register_error_handlers, register_health_routes
+from container.app import Drain, _admitted, _read_body, register_health_routes, worker_app
 from container.handler_loader import EntryPoint, import_handler, init_properties, install_requirements
 from container.handler_service import HandlerService
 from container.service_loader import ServiceLoader
@@ -38,13 +38,8 @@ def create_handler_app(config: ServingConfig, model_path: str, entry: EntryPoint
     then; a failure stops ``serve`` with its reason)."""
     loader = ServiceLoader(lambda: load_handler_service(config, model_path, entry), MODE,
                            f"the handler {entry}").start()
-    app = Flask(__name__)
-    app.json.sort_keys = False
-    app.extensions["lmi_engine_loader"] = loader
-    drain = Drain(loader)
-    app.extensions["lmi_drain"] = drain
+    app, drain = worker_app(loader, openai_errors=False)
     _register_routes(app, config, loader, drain)
-    _register_error_handlers(app)
     return app
 
 
