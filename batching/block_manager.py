@@ -66,6 +66,8 @@ class BlockManager:
         self._content_ids = itertools.count(_ROOT_CONTENT_ID + 1)
         self._num_prefix_queries = 0
         self._num_prefix_hits = 0
+        # Sum over blocks of max(0, refcount - 1), kept as references come and go.
+        self._num_shared_references = 0
 
     # ----------------------------------------------------------------------------- counts
 
@@ -83,6 +85,17 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         """Free blocks that still hold a registered prefix (a possible cache hit)."""
         return len(self._free_cached)
+
+    @property
+    def num_shared_references(self) -> int:
+        """References beyond the first to blocks that several block tables hold: the sum over
+        blocks of ``max(0, refcount - 1)``, kept up to date in O(1) per reference.
+
+        Blocks are shared only through ``acquire_prefix``, which hands out only registered blocks,
+        full of computed tokens; so summing tokens per block table counts each shared block
+        ``refcount - 1`` times too many, by exactly ``block_size`` tokens each time.
+        """
+        return self._num_shared_references
 
     def ref_count(self, block_id: int) -> int:
         """How many block tables hold ``block_id``."""
@@ -161,6 +174,7 @@ class BlockManager:
         block = self._blocks[block_id]
         block.ref_count -= 1
         if block.ref_count > 0:
+            self._num_shared_references -= 1
             return
         # The registered holder of its prefix stays cached; so does a duplicate whose holder was
         # evicted meanwhile: it takes the holder's place (same key, so its children still chain).
@@ -213,7 +227,10 @@ class BlockManager:
                 raise ValueError(f"block {block_id} is no longer cached")
         for block_id in cached_blocks:
             self._free_cached.pop(block_id, None)
-            self._blocks[block_id].ref_count += 1
+            block = self._blocks[block_id]
+            if block.ref_count > 0:
+                self._num_shared_references += 1
+            block.ref_count += 1
         block_table.extend(cached_blocks)
         if self.enable_prefix_caching:
             self._num_prefix_queries += self._num_queryable_blocks(token_ids)

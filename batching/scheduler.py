@@ -164,16 +164,21 @@ class Batcher(ABC):
     # ---- statistics ----------------------------------------------------------------------
     def kv_tokens_held(self) -> int:
         """Cache slots holding a token, or being written by the step now running; a block shared
-        through the prefix cache counts once. Called from HTTP threads too (mostly while a step
-        runs), hence the copies of the engine-owned lists."""
-        block_size = self.block_manager.block_size
-        filled: dict[int, int] = {}
+        through the prefix cache counts once.
+
+        O(running sequences): each sequence holds ``min(computed + in flight, its blocks' slots)``
+        tokens, and a block shared by ``r`` block tables is full in each of them (only full,
+        computed blocks are shared), so the per-sequence sum counts it ``(r - 1) * block_size``
+        tokens too many; the block manager keeps that sum of ``r - 1`` as references come and go.
+        Called from HTTP threads too (mostly while a step runs): it copies the engine-owned
+        ``running`` list and reads only integers and lengths, so it never raises; a read racing a
+        step may be off by that step's change, never below 0."""
+        manager = self.block_manager
+        block_size = manager.block_size
+        held = 0
         for seq in list(self.running):
-            computed = seq.num_computed_tokens + seq.num_in_flight_tokens
-            for index, block in enumerate(list(seq.block_table)):
-                in_block = max(0, min(block_size, computed - index * block_size))
-                filled[block] = max(filled.get(block, 0), in_block)
-        return sum(filled.values())
+            held += min(seq.num_computed_tokens + seq.num_in_flight_tokens, len(seq.block_table) * block_size)
+        return max(0, held - manager.num_shared_references * block_size)
 
     def stats(self) -> dict:
         manager = self.block_manager
