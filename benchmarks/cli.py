@@ -1,5 +1,6 @@
 """``lmi-bench``: benchmark a running server (``run``), compare batching strategies (``compare``),
-or draw the figures of a saved comparison (``plot``)."""
+draw the figures of a saved comparison (``plot``), or measure decoding against this machine's
+memory-bandwidth roofline (``roofline``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from benchmarks import compare as comparison
-from benchmarks import loadgen
+from benchmarks import loadgen, roofline
 from benchmarks.peers import PEERS
 from benchmarks.workloads import WORKLOADS, build_workload
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--out", help="write the JSON result here")
     swp.add_argument("--figures", help="also save the figure into this folder")
     swp.add_argument("--no-progress", dest="progress", action="store_false")
+
+    roof = commands.add_parser("roofline", help="batch-1 decode ms/token against weight bytes / memory bandwidth")
+    roofline.add_arguments(roof)
 
     plot = commands.add_parser("plot", help="draw the figures of a saved comparison")
     plot.add_argument("results", help="a JSON file written by `lmi-bench compare --out`")
@@ -197,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the result, so every figure carries its exact command
     handlers = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "embeddings": cmd_embeddings,
-                "plot": cmd_plot}
+                "plot": cmd_plot, "roofline": roofline.run}
     # A terminated comparison still stops the servers it started (their `finally` blocks run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
