@@ -28,7 +28,8 @@ def create_engine(config: ServingConfig, model_path: str, runner: ModelRunner | 
     if runner is None:
         degree = tensor_parallel_degree(config)
         device, _ = copy_devices(config.device, degree)
-        runner = ModelRunner(model_path, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code,
+        runner = ModelRunner(model_path, dtype=config.dtype, device=device, quantize=config.quantize,
+                             trust_remote_code=config.trust_remote_code,
                              revision=config.revision, tensor_parallel_degree=degree)
     scheduler_config = size_kv_cache(config, runner)
     batcher = batcher_class(config.strategy.value)(scheduler_config)

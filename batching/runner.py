@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching import model_check, tensor_parallel
+from batching import model_check, quantize as quantization, tensor_parallel
 from batching.scheduler import SchedulerOutput
 from kernels import attention
 from kernels.attention import LayerSpec
@@ -75,7 +75,7 @@ class ModelRunner:
     ``UnsupportedModelError`` otherwise); then ``allocate_kv_cache`` and ``execute`` each step."""
 
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None,
-                 trust_remote_code: bool = False, revision: str | None = None,
+                 quantize: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
                  tensor_parallel_degree: int = 1, group: "tensor_parallel.Group | None" = None):
         """``tensor_parallel_degree > 1``: this process becomes rank 0 of a new group and starts the
         other ranks; ``group``: this process is a rank of an existing group (batching.tensor_parallel)."""
@@ -84,6 +84,9 @@ class ModelRunner:
         self.device = pick_device(device)
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
         self.dtype = pick_dtype(dtype, self.device, config)
+        quantization.check_scheme(quantize, self.device, group.world_size if group else tensor_parallel_degree)
+        self.quantize = quantize
+        self.quantize_report: quantization.QuantizeReport | None = None
         model_check.check_model_class(config)
         if tensor_parallel_degree > 1 or group is not None:
             model_check.check_tensor_parallel_plan(config, group.world_size if group else tensor_parallel_degree)
@@ -114,6 +117,9 @@ class ModelRunner:
             self.model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=self.dtype, attn_implementation=attention.register(),
                 trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
+        if self.quantize:
+            # Before the checks below, so they verify the model as it will serve.
+            self.quantize_report = quantization.quantize_model(self.model, self.quantize)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
         try:
             self.generation_config = GenerationConfig.from_pretrained(model_path)

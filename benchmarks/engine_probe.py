@@ -1,6 +1,6 @@
 """In-process engine throughput (no HTTP): N sequences decoding M tokens each, per dtype.
 
-    python -m benchmarks.engine_probe --dtypes fp32,bf16 --sequences 48 --new-tokens 32
+    python -m benchmarks.engine_probe --dtypes fp32,bf16 --sequences 48 --new-tokens 32 [--quantize none,int8,int4]
 
 Uses the embedded default model unless ``--model`` is given; one torch thread unless
 ``--threads``. Prints tokens/s per dtype and each dtype's greedy answer to a fixed prompt, so a
@@ -10,6 +10,7 @@ speed-up is never read without its output.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -21,12 +22,12 @@ PROMPTS = ("The future of artificial intelligence is",
 
 
 def probe(model: str, dtype: str, sequences: int, new_tokens: int, strategy: str,
-          tensor_parallel_degree: int = 1) -> tuple[float, str]:
+          tensor_parallel_degree: int = 1, quantize: str = "none") -> tuple[float, str]:
     """Output tokens/s of one generate() over ``sequences`` prompts, and a sample answer."""
     strategy_keys = {"dynamic": {"batch_size": sequences, "max_batch_delay": 0},
                      "rolling": {"rolling_batch": "auto", "paged_attention": False},
                      "paged": {"rolling_batch": "auto", "paged_attention": True}}[strategy]
-    with LLM(model, dtype=dtype, device="cpu", max_model_len=336, max_kv_cache_tokens=336 * (sequences + 2),
+    with LLM(model, dtype=dtype, quantize=quantize, device="cpu", max_model_len=336, max_kv_cache_tokens=336 * (sequences + 2),
              max_rolling_batch_size=sequences, tensor_parallel_degree=tensor_parallel_degree, **strategy_keys) as llm:
         llm.generate(list(PROMPTS), {"max_new_tokens": 2, "ignore_eos": True}, use_tqdm=False)  # warm-up
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model folder (default: the embedded default model)")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--quantize", default="none",
+                        help="comma-separated option.quantize values, each run with every dtype (none,int8,int4)")
     parser.add_argument("--sequences", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--strategy", default="paged", choices=("dynamic", "rolling", "paged"))
@@ -53,10 +56,11 @@ def main(argv: list[str] | None = None) -> None:
         from container.default_model import default_model_path
 
         args.model = default_model_path()
-    for dtype in args.dtypes.split(","):
+    for quantize, dtype in itertools.product(args.quantize.split(","), args.dtypes.split(",")):
         tokens_per_s, sample = probe(args.model, dtype, args.sequences, args.new_tokens, args.strategy,
-                                     args.tensor_parallel_degree)
-        print(f"{dtype}: {tokens_per_s:.0f} output tok/s, {1000 * args.sequences / tokens_per_s:.1f} ms/step "
+                                     args.tensor_parallel_degree, quantize)
+        label = dtype if quantize == "none" else f"{dtype} + {quantize} weights"
+        print(f"{label}: {tokens_per_s:.0f} output tok/s, {1000 * args.sequences / tokens_per_s:.1f} ms/step "
               f"({args.sequences} x {args.new_tokens} tokens, {args.strategy}, {args.threads} thread(s), "
               f"TP={args.tensor_parallel_degree}); greedy sample: {sample!r}", flush=True)
 

@@ -70,26 +70,10 @@ def read_bandwidth_gb_s(buffer_mib: int = 1024, repeats: int = 5) -> float:
 
 # ---- 2. weight bytes per decode step --------------------------------------------------------------
 def decode_weight_bytes(model) -> dict[str, int | bool]:
-    """Bytes of weights one decode step (one token) reads, and the facts behind the figure.
+    """``batching.quantize.decode_weight_bytes``: what one decode step reads (quantized or not)."""
+    from batching.quantize import decode_weight_bytes as count
 
-    ``named_parameters`` lists a tied matrix once; the LM head reads it whole. An ``nn.Embedding``
-    whose weight is not the LM head's (an untied input embedding, GPT-2's position embedding) is
-    looked up: one row per token."""
-    import torch
-
-    output = model.get_output_embeddings()
-    output_weight = getattr(output, "weight", None)
-    input_weight = getattr(model.get_input_embeddings(), "weight", None)
-    lookups = {id(module.weight) for module in model.modules()
-               if isinstance(module, torch.nn.Embedding) and module.weight is not output_weight}
-    read = total = num_parameters = 0
-    for _, parameter in model.named_parameters():
-        size = parameter.numel() * parameter.element_size()
-        total += size
-        num_parameters += parameter.numel()
-        read += parameter[0].numel() * parameter.element_size() if id(parameter) in lookups else size
-    return {"weight_bytes": read, "parameter_bytes": total, "num_parameters": num_parameters,
-            "tied_embeddings": input_weight is not None and input_weight is output_weight}
+    return count(model)
 
 
 # ---- 3. measured ms per output token ------------------------------------------------------------
@@ -112,7 +96,7 @@ class _TpotObserver:
                 self.values.append(report.time_per_output_token_s)
 
 
-def measure_decode(model: str, dtype: str, new_tokens: int = 64, runs: int = 3) -> dict:
+def measure_decode(model: str, dtype: str, new_tokens: int = 64, runs: int = 3, quantize: str | None = None) -> dict:
     """Load ``model`` through ``batching.LLM`` (CPU, paged, batch 1), count its decode weight
     bytes, and time ``runs`` greedy generations of ``new_tokens`` tokens after ``PROMPT``."""
     from batching import LLM
@@ -120,7 +104,7 @@ def measure_decode(model: str, dtype: str, new_tokens: int = 64, runs: int = 3) 
     if new_tokens < 2 or runs < 1:
         raise ValueError(f"--new-tokens must be >= 2 and --runs >= 1, got {new_tokens} and {runs}")
     max_model_len = new_tokens + 64
-    with LLM(model, dtype=dtype, device="cpu", rolling_batch="auto", paged_attention=True,
+    with LLM(model, dtype=dtype, quantize=quantize or "none", device="cpu", rolling_batch="auto", paged_attention=True,
              max_rolling_batch_size=1, max_model_len=max_model_len, max_kv_cache_tokens=2 * max_model_len) as llm:
         runner = llm.engine.runner
         weights = decode_weight_bytes(runner.model)
@@ -139,7 +123,7 @@ def measure_decode(model: str, dtype: str, new_tokens: int = 64, runs: int = 3) 
             time.sleep(0.01)
         if len(observer.values) < runs:
             raise RuntimeError(f"the engine reported {len(observer.values)} of {runs} finished requests")
-        return {**weights, "dtype": str(runner.dtype).removeprefix("torch."),
+        return {**weights, "dtype": str(runner.dtype).removeprefix("torch."), "quantize": quantize,
                 "architecture": type(runner.model).__name__,
                 "num_prompt_tokens": output.num_prompt_tokens,
                 "ms_per_token": 1000 * min(observer.values),
@@ -148,7 +132,7 @@ def measure_decode(model: str, dtype: str, new_tokens: int = 64, runs: int = 3) 
 
 # ---- the report -----------------------------------------------------------------------------------
 def roofline(model: str | None = None, dtype: str = "auto", threads: int = 1, buffer_mib: int = 1024,
-             repeats: int = 5, new_tokens: int = 64, runs: int = 3) -> dict:
+             repeats: int = 5, new_tokens: int = 64, runs: int = 3, quantize: str | None = None) -> dict:
     import torch
 
     if threads < 1:
@@ -159,7 +143,7 @@ def roofline(model: str | None = None, dtype: str = "auto", threads: int = 1, bu
 
         model = default_model_path()
     bandwidth = read_bandwidth_gb_s(buffer_mib, repeats)
-    decode = measure_decode(model, dtype, new_tokens, runs)
+    decode = measure_decode(model, dtype, new_tokens, runs, quantize)
     roofline_ms = decode["weight_bytes"] / (bandwidth * 1e9) * 1000
     return {"cpu": cpu_model_name(), "cpu_flags": matmul_flags(), "threads": threads, "model": model,
             "buffer_mib": buffer_mib, "repeats": repeats, "bandwidth_gb_s": bandwidth,
@@ -177,7 +161,8 @@ def format_report(result: dict) -> str:
         f"threads: {result['threads']}",
         f"memory read bandwidth: {result['bandwidth_gb_s']:.2f} GB/s "
         f"(torch.sum over {result['buffer_mib']} MiB fp32, best of {result['repeats']})",
-        f"model: {result['model']} ({result['architecture']}, {result['dtype']})",
+        f"model: {result['model']} ({result['architecture']}, {result['dtype']}"
+        f"{', weights ' + result['quantize'] if result.get('quantize') else ''})",
         f"weight bytes per decode step: {result['weight_bytes']} ({result['weight_bytes'] / 1e6:.1f} MB; "
         f"{result['num_parameters'] / 1e6:.1f} M parameters, {result['parameter_bytes'] / 1e6:.1f} MB; {tied})",
         f"roofline: {result['roofline_ms_per_token']:.4g} ms/token (weight bytes / bandwidth)",
@@ -192,6 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (default: the embedded default model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="as option.dtype (auto: bf16 on CPUs with AVX512-BF16 or AMX, else fp32)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="as option.quantize (weight-only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--buffer-mib", type=int, default=1024,
                         help="size of the bandwidth buffer, much larger than the last-level cache (default 1024)")
@@ -202,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = roofline(args.model, args.dtype, args.threads, args.buffer_mib, args.repeats, args.new_tokens, args.runs)
+    result = roofline(args.model, args.dtype, args.threads, args.buffer_mib, args.repeats, args.new_tokens, args.runs,
+                      args.quantize)
     # The exact command: main() sets command_line; under `lmi-bench roofline`, benchmarks.cli sets argv.
     result["command"] = getattr(args, "command_line", None) or shlex.join(["lmi-bench", *args.argv])
     print(format_report(result))

@@ -88,6 +88,7 @@ class ServingConfig:
     max_rolling_batch_prefill_tokens: int = 4096
     max_model_len: int | None = None  # None: from the model config
     dtype: str = "auto"  # auto | fp32 | fp16 | bf16
+    quantize: str | None = None  # int8 | int4: weight-only, CPU (batching.quantize)
     device: str | None = None  # cpu | cuda | None: cuda when available
     tensor_parallel_degree: int = 1  # ALL_DEVICES (-1) for `max`
     trust_remote_code: bool = False
@@ -303,6 +304,7 @@ _KEYS: dict[str, _Key] = {
     "option.dtype": _Key("dtype", _choice({
         "auto": "auto", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
         "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"})),
+    "option.quantize": _Key("quantize", _choice({"int8": "int8", "int4": "int4", "none": None})),
     "option.device": _Key("device", _choice({"auto": None, "cpu": "cpu", "cuda": "cuda"})),
     "option.tensor_parallel_degree": _Key("tensor_parallel_degree", _tensor_parallel_degree),
     "option.trust_remote_code": _Key("trust_remote_code", _boolean),

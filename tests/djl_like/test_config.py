@@ -253,7 +253,7 @@ def test_invalid_rolling_batch_is_refused_even_when_batch_size_wins():
 
 def test_unknown_keys_are_kept_and_warned_once(caplog):
     props = {
-        "option.quantize": "awq",
+        "option.enable_lora": "true",
         "option.entrypoint": "model.py",
         "option.hf_token": "secret-token",
         "batch_size": "1",
@@ -261,10 +261,10 @@ def test_unknown_keys_are_kept_and_warned_once(caplog):
     with caplog.at_level(logging.WARNING, logger="djl_like.config"):
         config = ServingConfig.from_properties(props)
     assert dict(config.unknown) == {
-        "option.quantize": "awq", "option.entrypoint": "model.py", "option.hf_token": "secret-token"}
+        "option.enable_lora": "true", "option.entrypoint": "model.py", "option.hf_token": "secret-token"}
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert "option.quantize" in message and "option.hf_token" in message
+    assert "option.enable_lora" in message and "option.hf_token" in message
     assert "did you mean option.entryPoint?" in message
     assert "secret-token" not in message  # values of unknown keys may be credentials
     assert "batch_size" not in message
@@ -277,16 +277,16 @@ def test_explicit_names_only_fields_the_user_set():
 
 
 def test_config_is_frozen_hashable_and_picklable():
-    config = ServingConfig.from_properties({"option.quantize": "awq", "batch_size": "2"})
+    config = ServingConfig.from_properties({"option.enable_lora": "true", "batch_size": "2"})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.batch_size = 4
     with pytest.raises(TypeError):
-        config.unknown["option.quantize"] = "gptq"
+        config.unknown["option.enable_lora"] = "false"
     assert hash(config) == hash(ServingConfig.from_properties(
-        {"option.quantize": "awq", "batch_size": "2"}))
+        {"option.enable_lora": "true", "batch_size": "2"}))
     assert pickle.loads(pickle.dumps(config)) == config  # spawned workers receive the config
     assert copy.deepcopy(config) == config
-    assert dataclasses.asdict(config)["unknown"] == {"option.quantize": "awq"}
+    assert dataclasses.asdict(config)["unknown"] == {"option.enable_lora": "true"}
 
 
 def test_hand_built_config_is_normalised():
