@@ -105,17 +105,19 @@ class TorchBackend:
         reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
     def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
-        slots, valid = self._decode_slots(meta, params.sliding_window, k_cache.shape[1])
-        return reference.decode_from_slots(query, k_cache, v_cache, slots, valid, params)
+        slots, valid, rows = self._decode_slots(meta, params.sliding_window, k_cache.shape[1], k_cache.shape[2])
+        return reference.decode_from_slots(query, k_cache, v_cache, slots, valid, params, rows)
 
     @staticmethod
-    def _decode_slots(meta: AttentionMetadata, window: int | None, block_size: int):
-        """Gather indices of the decoding sequences' contexts (or windows), once per step and window."""
-        key = ("decode_slots", window, block_size)
+    def _decode_slots(meta: AttentionMetadata, window: int | None, block_size: int, num_kv_heads: int):
+        """Gather indices of the decoding sequences' contexts (or windows), once per step and
+        layer shape."""
+        key = ("decode_slots", window, block_size, num_kv_heads)
         if key not in meta.prepared:
             n = meta.num_decodes
             positions, valid = reference.decode_positions(meta.context_lens[:n], window)
-            meta.prepared[key] = reference.context_slots(meta.block_tables[:n], positions, block_size), valid
+            slots = reference.context_slots(meta.block_tables[:n], positions, block_size)
+            meta.prepared[key] = slots, valid, reference.head_major_rows(slots, num_kv_heads)
         return meta.prepared[key]
 
     def prefill(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, index: int,
