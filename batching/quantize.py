@@ -147,10 +147,10 @@ def decode_weight_bytes(model: nn.Module) -> dict[str, int | bool]:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.numel() * tensor.dtype.itemsize  # (oneDNN's packed weights have no storage to ask)
         total += size
         num_parameters += tensor.numel()
-        read += tensor[0].numel() * tensor.element_size() if id(tensor) in lookups else size
+        read += tensor[0].numel() * tensor.dtype.itemsize if id(tensor) in lookups else size
     return {"weight_bytes": read, "parameter_bytes": total, "num_parameters": num_parameters,  # weights stored
             "tied_embeddings": input_weight is not None and input_weight is output_weight}
 

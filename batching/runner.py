@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching import model_check, quantize as quantization, tensor_parallel
+from batching import model_check, packed_linear, quantize as quantization, tensor_parallel
 from batching.scheduler import SchedulerOutput
 from kernels import attention
 from kernels.attention import LayerSpec
@@ -120,6 +120,8 @@ class ModelRunner:
         if self.quantize:
             # Before the checks below, so they verify the model as it will serve.
             self.quantize_report = quantization.quantize_model(self.model, self.quantize)
+        if self.device.type == "cpu" and self.group is None:
+            packed_linear.pack_model(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
         try:
             self.generation_config = GenerationConfig.from_pretrained(model_path)
