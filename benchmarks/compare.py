@@ -41,6 +41,9 @@ STRATEGIES: dict[str, dict[str, str]] = {
     "paged": {"option.rolling_batch": "auto", "option.paged_attention": "true"},
     "paged+prefix": {"option.rolling_batch": "auto", "option.paged_attention": "true",
                      "option.enable_prefix_caching": "true"},
+    # weight-only quantized linear layers (batching/quantize.py), activations in --dtype
+    "paged+int8": {"option.rolling_batch": "auto", "option.paged_attention": "true", "option.quantize": "int8"},
+    "paged+int4": {"option.rolling_batch": "auto", "option.paged_attention": "true", "option.quantize": "int4"},
 }
 DEFAULT_STRATEGIES = ("dynamic", "rolling", "paged", "paged+prefix")
 WARMUP = RequestSpec("Hello, world.", 2)  # unrelated to every workload: never a prefix-cache hit
@@ -358,6 +361,62 @@ def compare(model_path: str | None = None, workload: str | Workload = "seed", *,
             "settings": _settings_dict(settings), "rows": rows}
 
 
+def compare_levels(model_path: str | None, workload: str, levels: Sequence[int], *, requests_per_client: int,
+                   scale: float = 1.0, seed: int = 0, settings: CompareSettings | None = None,
+                   command: str | None = None) -> dict:
+    """``compare`` at each concurrency level in turn (every server restarted with that level's
+    limits, ``requests_per_client * level`` requests); one document holding every level."""
+    model_path = resolve_model(model_path)
+    tokenizer = load_tokenizer(model_path)
+    started = time.time()
+    results = []
+    for level in levels:
+        built = build_workload(workload, num_requests=requests_per_client * level, scale=scale, concurrency=level,
+                               seed=seed, tokenizer=tokenizer)
+        results.append({"concurrency": level, **compare(model_path, built, scale=scale, seed=seed, settings=settings,
+                                                        command=command)})
+    return {"created": results[0]["created"], "wall_time_s": time.time() - started, "command": command,
+            "model": model_path, "git_commit": git_commit(), "machine": {**machine_info(), "cpu_flags": cpu_flags()},
+            "levels": results}
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide which matrix kernels run (the engine reads them the same way)."""
+    from batching.runner import read_cpu_flags
+
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
+    flags = read_cpu_flags()
+    return [flag for flag in wanted if flag in flags]
+
+
+def row_weights(row: dict, settings: Mapping) -> str:
+    """What a row's weights were: dtype (and quantization) for ours and the offline peers, the
+    peer's own precision for a serving peer."""
+    if row.get("kind") == "server-peer":
+        return row["properties"].get("precision") or "?"
+    quantize = STRATEGIES.get(row["strategy"], {}).get("option.quantize")
+    return settings["dtype"] + (f" + {quantize} weights" if quantize else "")
+
+
+def levels_table(results: dict, markdown: bool = False) -> str:
+    """Every level's rows in one table: throughput and latency percentiles (the docs' table)."""
+    rows = []
+    for level in results["levels"]:
+        for row in level["rows"]:
+            metrics = row["metrics"]
+            ttft, itl = metrics.get("ttft_ms") or {}, metrics.get("itl_ms") or {}
+            rows.append({
+                "concurrency": level["concurrency"], "server": row["strategy"],
+                "weights": row_weights(row, level["settings"]),
+                "out tok/s": metrics["output_throughput"],
+                "TTFT p50 ms": ttft.get("p50"), "TTFT p99 ms": ttft.get("p99"),
+                "ITL p50 ms": itl.get("p50"), "ITL p99 ms": itl.get("p99"),
+                "cores": (row.get("environment") or {}).get("server_cores_used"),
+                "failed": sum(run["failed"] for run in row.get("repeats") or [metrics]),
+            })
+    return _render(rows, markdown)
+
+
 def _settings_dict(settings: CompareSettings) -> dict:
     return {key: (list(value) if isinstance(value, (tuple, list)) else dict(value) if isinstance(value, Mapping) else value)
             for key, value in vars(settings).items()}
@@ -437,7 +496,10 @@ def table_rows(results: dict) -> list[dict]:
 
 def format_table(results: dict, markdown: bool = False) -> str:
     """The comparison as a text (or Markdown) table."""
-    rows = table_rows(results)
+    return _render(table_rows(results), markdown)
+
+
+def _render(rows: list[dict], markdown: bool) -> str:
     if not rows:
         return "(no rows)"
     columns = list(rows[0])

@@ -104,3 +104,26 @@ def test_run_command_reports_and_saves_a_benchmark(tmp_path, capsys):
     assert saved["command"] == ("lmi-bench run --url " + server.url + " --workload seed --scale 0.05 "
                                 "--num-requests 5 --concurrency 2 --out " + str(out) + " --no-progress")
     assert "Request throughput (req/s)" in capsys.readouterr().out
+
+
+def test_levels_run_the_comparison_at_each_concurrency_into_one_table(tiny_llama, tmp_path, capsys):
+    """``--levels``: every server restarted per level with that level's limits and
+    ``--requests-per-client`` x level requests; one table with weights and latency percentiles."""
+    out = tmp_path / "levels.json"
+    code = cli.main(["compare", "--model", str(tiny_llama), "--workload", "peers", "--scale", "0.1",
+                     "--levels", "1,3", "--requests-per-client", "2", "--strategies", "paged,paged+int8",
+                     "--dtype", "fp32", "--out", str(out), "--no-progress", "--markdown"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = json.loads(out.read_text())
+    assert [level["concurrency"] for level in results["levels"]] == [1, 3]
+    for level in results["levels"]:
+        assert [row["strategy"] for row in level["rows"]] == ["paged", "paged+int8"]
+        for row in level["rows"]:
+            assert row["metrics"]["completed"] == 2 * level["concurrency"] and row["metrics"]["failed"] == 0
+            assert row["properties"]["option.max_rolling_batch_size"] == str(level["concurrency"])
+        assert level["rows"][1]["properties"]["option.quantize"] == "int8"
+    assert isinstance(results["machine"]["cpu_flags"], list)
+    lines = printed.splitlines()
+    assert lines[0].startswith("CPU: ") and "| concurrency | server | weights | out tok/s | TTFT p50 ms |" in printed
+    assert "| 3 | paged+int8 | fp32 + int8 weights |" in printed
