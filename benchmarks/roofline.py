@@ -164,7 +164,8 @@ def format_report(result: dict) -> str:
         f"model: {result['model']} ({result['architecture']}, {result['dtype']}"
         f"{', weights ' + result['quantize'] if result.get('quantize') else ''})",
         f"weight bytes per decode step: {result['weight_bytes']} ({result['weight_bytes'] / 1e6:.1f} MB; "
-        f"{result['num_parameters'] / 1e6:.1f} M parameters, {result['parameter_bytes'] / 1e6:.1f} MB; {tied})",
+        f"{result['num_parameters'] / 1e6:.1f} M weights stored in {result['parameter_bytes'] / 1e6:.1f} MB, "
+        f"a prepacked or quantized LM head beside its embedding table included; {tied})",
         f"roofline: {result['roofline_ms_per_token']:.4g} ms/token (weight bytes / bandwidth)",
         f"measured: {result['ms_per_token']:.4g} ms/token (batch 1, decode steps only: first to last of "
         f"{result['new_tokens']} new tokens after a {result['num_prompt_tokens']}-token prompt, "
