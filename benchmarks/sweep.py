@@ -11,6 +11,7 @@ concurrency that meets it, capped where throughput stops improving: the rule ser
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import tempfile
 import time
@@ -21,8 +22,8 @@ from pathlib import Path
 import requests
 
 from benchmarks import loadgen
-from benchmarks.compare import (WARMUP, CompareSettings, git_commit, load_tokenizer, machine_info, resolve_model,
-                                running_server, strategy_properties, write_model_dir)
+from benchmarks.compare import (WARMUP, CompareSettings, free_port, git_commit, load_tokenizer, machine_info,
+                                resolve_model, running_server, strategy_properties, write_model_dir)
 from benchmarks.workloads import Workload, build_workload
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16, 32, 64)
@@ -84,6 +85,34 @@ def sweep_strategy(strategy: str, model_path: str, base: Workload, levels: Seque
     return points
 
 
+def sweep_server_peer(name: str, model_path: str, base: Workload, levels: Sequence[int], requests_per_client: int,
+                      settings: CompareSettings, work_dir: Path) -> list[dict]:
+    """The serving peer ``name`` (benchmarks/server_peers.py) started once, sized for the largest
+    level and on the same threads as ours, driven through OpenAI /v1/completions at every level."""
+    from benchmarks import server_peers
+
+    port = free_port()
+    launch = server_peers.launch_peer(name, port=port, concurrency=max(levels),
+                                      threads=settings.torch_threads or os.cpu_count() or 1,
+                                      max_model_len=int(base.server_options.get("option.max_model_len", 2048)),
+                                      model_folder=model_path, dtype=settings.dtype, gguf=settings.gguf)
+    server = server_peers.PeerServerProcess(launch, port, work_dir / f"peer-{name}.log")
+    api = loadgen.OpenAICompletions(server_peers.SERVED_MODEL_NAME)
+    points = []
+    try:
+        server.wait_ready(settings.ready_timeout_s)
+        loadgen.send_request(requests.Session(), server.url, WARMUP, -1, stream=True, api=api)
+        for level in levels:
+            workload = level_workload(base, level, requests_per_client)
+            metrics = loadgen.benchmark(server.url, workload.requests, concurrency=level, stream=True,
+                                        timeout=settings.request_timeout_s, progress=settings.progress,
+                                        description=f"{name} @ {level}", api=api)
+            points.append({"concurrency": level, "metrics": metrics})
+    finally:
+        server.stop()
+    return points
+
+
 def recommend(points: list[dict], target: LatencyTarget | None) -> dict:
     """The largest concurrency meeting ``target`` (all levels when there is none), cut back to
     where output throughput last grew by at least ``MIN_GAIN``."""
@@ -104,7 +133,8 @@ def recommend(points: list[dict], target: LatencyTarget | None) -> dict:
 def sweep(model_path: str | None, workload: str, *, strategies: Sequence[str], levels: Sequence[int] = DEFAULT_LEVELS,
           requests_per_client: int = 2, scale: float = 1.0, seed: int = 0, target: LatencyTarget | None = None,
           settings: CompareSettings | None = None, command: str | None = None) -> dict:
-    """Sweep every strategy over ``levels``; the result document (``format_sweep``, ``plots``)."""
+    """Sweep every strategy, then every serving peer of ``settings.server_peers``, over
+    ``levels``; the result document (``format_sweep``, ``plots``), one curve each."""
     settings = settings or CompareSettings()
     levels = sorted(set(levels))
     if not levels or levels[0] < 1:
@@ -116,7 +146,12 @@ def sweep(model_path: str | None, workload: str, *, strategies: Sequence[str], l
     with tempfile.TemporaryDirectory(prefix="lmi-sweep-") as work_dir:
         for strategy in strategies:
             points = sweep_strategy(strategy, model_path, base, levels, requests_per_client, settings, Path(work_dir))
-            curves.append({"strategy": strategy, "points": points, "recommendation": recommend(points, target)})
+            curves.append({"strategy": strategy, "kind": "server", "points": points,
+                           "recommendation": recommend(points, target)})
+        for name in settings.server_peers:
+            points = sweep_server_peer(name, model_path, base, levels, requests_per_client, settings, Path(work_dir))
+            curves.append({"strategy": name, "kind": "server-peer", "points": points,
+                           "recommendation": recommend(points, target)})
     return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": time.time() - started, "command": command, "model": model_path,
             "git_commit": git_commit(), "machine": machine_info(),

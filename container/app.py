@@ -345,12 +345,16 @@ def _register_routes(app: Flask, server: _Server) -> None:
     def completions() -> Response:
         return _admitted(drain, lambda: _openai(server, parse_completion_request))
 
+    # NOTE: 503 until the model has loaded, as /ping: vLLM and TGI answer nothing before then, so
+    # clients and orchestrators use /v1/models as a readiness probe.
     @app.get("/v1/models")
     def models() -> Response:
+        server.loader.engine()
         return _json(model_list(server.model, server.started))
 
     @app.get("/v1/models/<path:model>")
     def one_model(model: str) -> Response:
+        server.loader.engine()
         if model != server.model:
             raise NotFound(f"the model {model!r} does not exist; this server serves {server.model!r}")
         return _json(model_card(server.model, server.started))

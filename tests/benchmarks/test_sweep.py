@@ -59,3 +59,52 @@ def test_sweep_command_refuses_a_malformed_target_with_exit_2(capsys):
 
     assert cli.main(["sweep", "--target", "fast", "--levels", "1"]) == 2
     assert "latency target 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_serving_peer_gets_its_own_curve(tiny_llama, tmp_path, monkeypatch):
+    """``--server-peers``: the peer is started once, sized for the largest level, driven through
+    OpenAI /v1/completions at every level, and gets a curve and a recommendation. The real peers
+    (vLLM, llama.cpp) are never installed in CI; a stand-in plays the peer here: our own server,
+    launched through the peer machinery (PeerServerProcess, /v1/models readiness, the OpenAI
+    client), on the tiny model."""
+    import sys
+
+    from benchmarks import cli, server_peers
+
+    launches = []
+
+    def stand_in(name, *, port, concurrency, threads, max_model_len, model_folder, dtype, gguf=None):
+        folder = tmp_path / "stand-in"
+        folder.mkdir(exist_ok=True)
+        (folder / "serving.properties").write_text(
+            f"option.model_id={model_folder}\noption.served_model_name={server_peers.SERVED_MODEL_NAME}\n"
+            f"option.max_rolling_batch_size={concurrency}\noption.max_model_len={max_model_len}\n"
+            f"option.dtype={dtype}\noption.cpu_threads={threads}\n")
+        launches.append({"name": name, "concurrency": concurrency, "threads": threads})
+        return server_peers.PeerLaunch(name, [sys.executable, "-m", "container.serve", "--model-dir", str(folder)],
+                                       {"SERVING_PORT": str(port), "HF_HUB_OFFLINE": "1"}, dtype)
+
+    monkeypatch.setattr(server_peers, "launch_peer", stand_in)
+    out = tmp_path / "sweep.json"
+    code = cli.main(["sweep", "--model", str(tiny_llama), "--workload", "seed", "--scale", "0.05",
+                     "--strategies", "paged", "--server-peers", "vllm-cpu", "--levels", "1,3",
+                     "--requests-per-client", "1", "--dtype", "fp32", "--torch-threads", "1", "--no-progress",
+                     "--out", str(out)])
+    assert code == 0
+    assert launches == [{"name": "vllm-cpu", "concurrency": 3, "threads": 1}]
+    import json
+
+    curves = json.loads(out.read_text())["curves"]
+    assert [(c["strategy"], c["kind"]) for c in curves] == [("paged", "server"), ("vllm-cpu", "server-peer")]
+    peer = curves[1]
+    assert [p["concurrency"] for p in peer["points"]] == [1, 3]
+    assert all(p["metrics"]["completed"] == p["concurrency"] and p["metrics"]["failed"] == 0 for p in peer["points"])
+    assert peer["recommendation"]["concurrency"] in (1, 3)
+
+
+def test_sweep_refuses_an_unknown_server_peer(capsys):
+    from benchmarks import cli
+
+    assert cli.main(["sweep", "--server-peers", "tgi", "--levels", "1"]) == 2
+    assert "unknown server peers: tgi" in capsys.readouterr().err

@@ -65,9 +65,13 @@ def test_ping_is_503_while_loading_then_200(tiny_llama):
         assert early.status_code == 503
         assert early.json()["type"] == "ServiceUnavailable"
         assert requests.get(url + "/stats", timeout=10).status_code == 503
+        # /v1/models is a readiness probe too (vLLM and TGI answer nothing before the model loads)
+        models = requests.get(url + "/v1/models", timeout=10)
+        assert models.status_code == 503 and "still loading" in models.json()["error"]["message"]
         release.set()
         ready = wait_for_status(url, 200)
         assert ready.json() == {"status": "healthy", "strategy": "paged"}
+        assert requests.get(url + "/v1/models", timeout=10).status_code == 200
         answer = requests.post(url + "/invocations", timeout=30, json={
             "inputs": "hi", "parameters": {"max_new_tokens": 3, "ignore_eos": True,
                                            "details": True}})
