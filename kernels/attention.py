@@ -95,9 +95,9 @@ class LayerDiscovery:
 
 
 class TorchBackend:
-    """The torch implementation: what CPU runs. Decodes are batched into one gather + SDPA (or
-    explicit scores where softcapping or sinks need them); each prefill chunk attends on its own
-    (a fresh prompt without cached context skips the gather)."""
+    """The torch implementation: what CPU runs. Decodes are batched, in groups of similar context
+    length (``length_groups``), into one head-major gather and two products per group; each
+    prefill chunk attends on its own (a fresh prompt without cached context skips the gather)."""
 
     name = "torch"
 
@@ -105,19 +105,33 @@ class TorchBackend:
         reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
     def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
-        slots, valid, rows = self._decode_slots(meta, params.sliding_window, k_cache.shape[1], k_cache.shape[2])
-        return reference.decode_from_slots(query, k_cache, v_cache, slots, valid, params, rows)
+        groups = self._decode_groups(meta, params.sliding_window, k_cache.shape[1], k_cache.shape[2])
+        if len(groups) == 1:
+            _, slots, valid, rows = groups[0]
+            return reference.decode_from_slots(query, k_cache, v_cache, slots, valid, params, rows)
+        out = torch.empty_like(query)
+        for members, slots, valid, rows in groups:
+            out[members] = reference.decode_from_slots(query[members], k_cache, v_cache, slots, valid, params, rows)
+        return out
 
     @staticmethod
-    def _decode_slots(meta: AttentionMetadata, window: int | None, block_size: int, num_kv_heads: int):
-        """Gather indices of the decoding sequences' contexts (or windows), once per step and
-        layer shape."""
-        key = ("decode_slots", window, block_size, num_kv_heads)
+    def _decode_groups(meta: AttentionMetadata, window: int | None, block_size: int, num_kv_heads: int):
+        """The decoding sequences in groups of similar length (``length_groups``), each with the
+        gather indices of its contexts (or windows) padded to its own longest: once per step and
+        layer shape. Each group: (member rows or None for all, slots, valid, head-major rows)."""
+        key = ("decode_groups", window, block_size, num_kv_heads)
         if key not in meta.prepared:
             n = meta.num_decodes
-            positions, valid = reference.decode_positions(meta.context_lens[:n], window)
-            slots = reference.context_slots(meta.block_tables[:n], positions, block_size)
-            meta.prepared[key] = slots, valid, reference.head_major_rows(slots, num_kv_heads)
+            lengths = [min(length, window) if window else length for length in meta.context_lens_host[:n]]
+            groups = []
+            for members in length_groups(lengths):
+                index = None if len(members) == n else torch.tensor(members, device=meta.context_lens.device)
+                lens = meta.context_lens[:n] if index is None else meta.context_lens[index]
+                tables = meta.block_tables[:n] if index is None else meta.block_tables[index]
+                positions, valid = reference.decode_positions(lens, window)
+                slots = reference.context_slots(tables, positions, block_size)
+                groups.append((index, slots, valid, reference.head_major_rows(slots, num_kv_heads)))
+            meta.prepared[key] = groups
         return meta.prepared[key]
 
     def prefill(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, index: int,
@@ -151,6 +165,34 @@ class TritonBackend(TorchBackend):
         return triton_decode.paged_decode_attention(
             query, k_cache, v_cache, meta.block_tables[:n], meta.context_lens[:n], params.scale,
             sliding_window=params.sliding_window, softcap=params.softcap, sinks=params.sinks)
+
+
+# Decode rows are padded to the longest context of their group; a group closes when the next
+# (shorter) context would leave more than half of the group's width as padding and at least
+# GROUP_MIN_PADDING tokens of it. At most MAX_DECODE_GROUPS groups (each costs a gather and two
+# products per layer).
+GROUP_MIN_PADDING = 64
+MAX_DECODE_GROUPS = 4
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` grouped so that padding each group to its longest wastes at most
+    about half of it (see the constants above); one group when the lengths are close."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups) < MAX_DECODE_GROUPS:
+            widest = lengths[groups[-1][0]]
+            if lengths[i] * 2 < widest and widest - lengths[i] >= GROUP_MIN_PADDING:
+                groups.append([i])
+                continue
+        if not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    if len(groups) == 1:
+        return [list(range(len(lengths)))]  # keep the step's own order: no reindexing at all
+    return groups
 
 
 def select_backend(device: torch.device) -> TorchBackend:
