@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching import model_check, packed_linear, quantize as quantization, tensor_parallel
+from batching import host_memory, model_check, packed_linear, quantize as quantization, tensor_parallel
 from batching.scheduler import SchedulerOutput
 from kernels import attention
 from kernels.attention import LayerSpec
@@ -82,6 +82,8 @@ class ModelRunner:
         from transformers import AutoConfig
 
         self.device = pick_device(device)
+        if self.device.type == "cpu":
+            host_memory.keep_freed_memory()
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
         self.dtype = pick_dtype(dtype, self.device, config)
         quantization.check_scheme(quantize, self.device, group.world_size if group else tensor_parallel_degree)

@@ -1,0 +1,51 @@
+"""batching/host_memory.py: after ``keep_freed_memory``, the large temporaries a step allocates
+and frees stop costing page faults step after step (measured in fresh processes, since the
+setting is process-wide)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's malloc only")
+
+# The decode attention of 32 sequences of 50 to 2000 tokens (its gathered K/V, scores and
+# probabilities are the temporaries a long-context step allocates and frees in every layer).
+PROBE = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from batching import host_memory
+from kernels import reference
+if sys.argv[1] == "on":
+    assert host_memory.keep_freed_memory()
+g = torch.Generator().manual_seed(0)
+lengths = torch.randint(50, 2000, (32,), generator=g)
+width = int(lengths.max())
+k_cache = torch.randn(32 * width // 16 + 1, 16, 3, 64, dtype=torch.bfloat16)
+v_cache = torch.randn_like(k_cache)
+tables = torch.arange(32 * (width // 16 + 1)).view(32, -1)[:, : width // 16 + 1] % k_cache.shape[0]
+query = torch.randn(32, 9, 64, dtype=torch.bfloat16)
+def step():
+    reference.paged_decode_attention(query, k_cache, v_cache, tables, lengths, 0.125)
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+def test_freed_blocks_are_reused_without_page_faults():
+    default, kept = _faults("off"), _faults("on")
+    # measured when written: 114045 page faults over 10 steps by default, 5932 with the setting
+    assert kept * 5 < default
