@@ -101,8 +101,12 @@ class TorchBackend:
 
     name = "torch"
 
-    def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
+    def write(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        # Whether the step has padding slots (-1) is decided once per step, not in every layer.
+        padded = meta.prepared.get("padded_slots")
+        if padded is None:
+            padded = meta.prepared["padded_slots"] = not bool((meta.slot_mapping >= 0).all())
+        reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping, may_pad=padded)
 
     def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         groups = self._decode_groups(meta, params.sliding_window, k_cache.shape[1], k_cache.shape[2])
@@ -130,6 +134,8 @@ class TorchBackend:
                 tables = meta.block_tables[:n] if index is None else meta.block_tables[index]
                 positions, valid = reference.decode_positions(lens, window)
                 slots = reference.context_slots(tables, positions, block_size)
+                if bool(valid.all()):  # no padding in this group: no mask to apply in every layer
+                    valid = None
                 groups.append((index, slots, valid, reference.head_major_rows(slots, num_kv_heads)))
             meta.prepared[key] = groups
         return meta.prepared[key]
@@ -153,10 +159,10 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
-    def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+    def write(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         from kernels import triton_write_kv
 
-        triton_write_kv.write_kv(key, value, k_cache, v_cache, slot_mapping)
+        triton_write_kv.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
 
     def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         from kernels import triton_decode
@@ -262,7 +268,9 @@ def lmi_attention(module, query, key, value, attention_mask=None, scaling=None, 
         return step.attend(module, q, k, v, params).unsqueeze(0), None
     meta = step
     k_cache, v_cache = meta.kv_caches[module.layer_idx]
-    meta.backend.write(k, v, k_cache, v_cache, meta.slot_mapping)
+    meta.backend.write(k, v, k_cache, v_cache, meta)
+    if meta.num_decodes == len(meta.cu_seqlens_q) - 1:  # a decode-only step: no reassembly
+        return meta.backend.decode(q, k_cache, v_cache, meta, params).unsqueeze(0), None
     out = torch.empty_like(q)
     split = meta.num_decode_tokens
     if meta.num_decodes:

@@ -41,15 +41,17 @@ def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    may_pad: bool = True,
 ) -> None:
     """Write new keys/values into their slots. key, value: [T, Hkv, D]; slot_mapping: [T] int64,
-    where -1 means "do not write" (padding)."""
+    where -1 means "do not write" (padding; ``may_pad=False`` says there is none)."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    if may_pad:
+        keep = slot_mapping >= 0
+        if not bool(keep.all()):
+            key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     # index_copy_ is several times faster than advanced-index assignment on CPU.
     flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
@@ -157,13 +159,14 @@ def decode_from_slots(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     params: AttentionParams,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention given the context slots [B, L] each query attends to and their validity
-    mask [B, L]: query [B, Hq, D] -> [B, Hq, D]. ``rows``: ``head_major_rows(slots, Hkv)`` when
-    the caller has it already (it is the same for every layer of a step).
+    mask [B, L] (None: every slot is valid): query [B, Hq, D] -> [B, Hq, D]. ``rows``:
+    ``head_major_rows(slots, Hkv)`` when the caller has it already (it is the same for every
+    layer of a step).
 
     Keys and values are gathered head-major ([B, Hkv, L, D], no transposed copies) in the cache's
     dtype; the two products run in that dtype (with fp32 accumulation inside; bf16 scores are
@@ -186,7 +189,8 @@ def decode_from_slots(
     scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * params.scale  # [B, Hkv, G, L]
     if params.softcap is not None:
         scores = torch.tanh(scores / params.softcap) * params.softcap
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     if params.sinks is not None:
         sinks = params.sinks.float().view(1, num_kv_heads, -1, 1).expand(batch, -1, -1, 1)
         probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
