@@ -20,6 +20,7 @@ from batching.runner import ModelRunner
 from djl_like.config import ServingConfig, Strategy
 from djl_like.errors import ConfigError
 from tests.batching.test_correctness import random_prompts, run_staggered
+from tests.batching.test_dtype import agreement_with_fp32
 
 CPU = torch.device("cpu")
 
@@ -150,42 +151,22 @@ def test_every_strategy_serves_the_quantized_model_exactly(quantized_runner, tin
 
 
 # ---- each precision against the unquantized default model ---------------------------------------
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot",
-           "Paged attention stores keys and values in"]
 # measured when written (bf16 activations, 64 teacher-forced positions): int8 0.94 / 0.05, int4 0.89 / 0.14
 BOUNDS = {"int8": (0.88, 0.12), "int4": (0.8, 0.3)}
 
 
 @pytest.mark.parametrize("scheme", quantize.SCHEMES)
 def test_quantized_default_model_agrees_with_the_unquantized_one(scheme):
-    """Teacher-forced over fp32's own greedy continuations: the share of positions where the
-    quantized model (bf16 activations, as ``option.dtype=auto`` serves on these CPUs) picks fp32's
-    top token, and the largest logit error relative to fp32's largest logit."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The share of teacher-forced positions where the quantized model (bf16 activations, as
+    ``option.dtype=auto`` serves on these CPUs) picks fp32's top token, and the logit error."""
+    from transformers import AutoModelForCausalLM
 
     from container.default_model import default_model_path
 
-    path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    lower = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    lower = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.bfloat16).eval()
     report = quantize.quantize_model(lower, scheme)
     assert report.layers_kept == 0 and report.bytes_after < report.bytes_before / (1.9 if scheme == "int8" else 3)
-    agree = total = 0
-    errors = []
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            sequence = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                          max_new_tokens=16, min_new_tokens=16)
-            expected = reference(sequence).logits[0, ids.shape[1] - 1:-1]
-            got = lower(sequence).logits[0, ids.shape[1] - 1:-1].float()
-            agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
-            total += expected.shape[0]
-            errors.append(float((got - expected).abs().max() / expected.abs().max()))
-    agreement = agree / total
-    print(f"{scheme} vs fp32: top-token agreement {agreement:.3f} over {total} positions, "
-          f"max relative logit error {max(errors):.3f}")
+    agreement, error = agreement_with_fp32(lower, scheme)
     min_agreement, max_error = BOUNDS[scheme]
     assert agreement >= min_agreement
-    assert max(errors) <= max_error
+    assert error <= max_error
