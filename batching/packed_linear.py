@@ -33,7 +33,21 @@ logger = logging.getLogger(__name__)
 
 
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def agrees_with_linear(layer: "PackedLinear", linear: nn.Linear) -> bool:
+    """The packed layer's product against torch's ``linear`` on a random input (relative
+    tolerance of the dtype): checked once per dtype before a model is packed, so a kernel that
+    computes something else on some CPU is never served."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, linear.in_features, generator=generator).to(linear.weight.dtype)
+    expected = nn.functional.linear(x.float(), linear.weight.float(),
+                                    None if linear.bias is None else linear.bias.float())
+    got = layer(x).float()
+    tolerance = 1e-4 if linear.weight.dtype == torch.float32 else 2e-2
+    return bool(((got - expected).abs().max() <= tolerance * expected.abs().max().clamp(min=1e-6)).item())
 
 
 class PackedLinear(nn.Module):
@@ -59,10 +73,12 @@ def pack_model(model: nn.Module) -> int:
         logger.info("oneDNN is not available in this torch build: linear layers use torch's linear")
         return 0
     packed = refused = 0
+    checked: dict[torch.dtype, bool] = {}  # dtype -> the packed product agrees with linear's
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear:
+                if type(child) is not nn.Linear or checked.get(child.weight.dtype) is False:
+                    refused += type(child) is nn.Linear
                     continue
                 try:
                     layer = PackedLinear(child)
@@ -72,6 +88,13 @@ def pack_model(model: nn.Module) -> int:
                         logger.info("oneDNN does not prepack %s weights here (%s); those layers use torch's linear",
                                     child.weight.dtype, str(error).splitlines()[0])
                     continue
+                if child.weight.dtype not in checked:
+                    checked[child.weight.dtype] = agrees_with_linear(layer, child)
+                    if not checked[child.weight.dtype]:
+                        logger.warning("oneDNN's prepacked %s product disagrees with torch's linear on this CPU; "
+                                       "those layers use torch's linear", child.weight.dtype)
+                        refused += 1
+                        continue
                 setattr(parent, name, layer)
                 packed += 1
     logger.info("prepacked %d linear layers for oneDNN (%d left to torch's linear)", packed, refused)

@@ -62,3 +62,15 @@ def test_the_cpu_runner_serves_on_packed_weights(tiny_llama):
     runner = ModelRunner(str(tiny_llama), dtype="fp32", device="cpu")
     layers = [module for module in runner.model.modules() if isinstance(module, (nn.Linear, packed_linear.PackedLinear))]
     assert layers and all(isinstance(module, packed_linear.PackedLinear) for module in layers)
+
+
+def test_a_kernel_that_disagrees_with_linear_is_never_used(monkeypatch):
+    """Checked once per dtype before packing: were oneDNN's product wrong on some CPU, the model
+    would keep torch's linear rather than serve something else."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    real_forward = packed_linear.PackedLinear.forward
+    monkeypatch.setattr(packed_linear.PackedLinear, "forward", lambda self, x: real_forward(self, x) * 1.5)
+    assert packed_linear.pack_model(model) == 0
+    assert all(type(layer) is nn.Linear for layer in model)
+    monkeypatch.setattr(packed_linear.PackedLinear, "forward", real_forward)
+    assert packed_linear.pack_model(model) == 2
