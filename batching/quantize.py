@@ -82,9 +82,6 @@ class Int4WeightOnlyLinear(nn.Module):
             [scales.t(), (low + 8 * scales).t()], dim=-1).contiguous().to(linear.weight.dtype))
         self.bias = linear.bias
 
-    def dequantized(self) -> torch.Tensor:
-        raise NotImplementedError("int4 weights are packed for the CPU kernel")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,

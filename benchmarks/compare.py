@@ -227,20 +227,28 @@ def _measure(server, workload: Workload, settings: CompareSettings, name: str, a
     return metrics, _resource_usage(before, _resources(server), metrics["duration_s"])
 
 
+def start_peer(name: str, model_path: str, workload: Workload, concurrency: int, settings: CompareSettings,
+               log_dir: Path):
+    """Launch the serving peer ``name`` for ``concurrency`` clients on the settings' threads
+    (not yet ready): its launch description and its process."""
+    from benchmarks import server_peers
+
+    port = free_port()
+    launch = server_peers.launch_peer(name, port=port, concurrency=concurrency,
+                                      threads=settings.torch_threads or os.cpu_count() or 1,
+                                      max_model_len=int(workload.server_options.get("option.max_model_len", 2048)),
+                                      model_folder=model_path, dtype=settings.dtype, gguf=settings.gguf)
+    return launch, server_peers.PeerServerProcess(launch, port, log_dir / f"peer-{name}.log")
+
+
 def run_server_peer(name: str, model_path: str, workload: Workload, settings: CompareSettings, work_dir: Path) -> dict:
     """Start the serving peer ``name`` (benchmarks/server_peers.py), drive it through OpenAI
     /v1/completions with the same workload and threads, stop it; one result row."""
     from benchmarks import server_peers
 
-    port = free_port()
-    max_model_len = int(workload.server_options.get("option.max_model_len", 2048))
-    launch = server_peers.launch_peer(name, port=port, concurrency=workload.concurrency,
-                                      threads=settings.torch_threads or os.cpu_count() or 1,
-                                      max_model_len=max_model_len, model_folder=model_path, dtype=settings.dtype,
-                                      gguf=settings.gguf)
     log_dir = Path(settings.log_dir) if settings.log_dir else work_dir
     log_dir.mkdir(parents=True, exist_ok=True)
-    server = server_peers.PeerServerProcess(launch, port, log_dir / f"peer-{name}.log")
+    launch, server = start_peer(name, model_path, workload, workload.concurrency, settings, log_dir)
     try:
         server.wait_ready(settings.ready_timeout_s)
         metrics, environment = _measure(server, workload, settings, name,

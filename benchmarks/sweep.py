@@ -11,7 +11,6 @@ concurrency that meets it, capped where throughput stops improving: the rule ser
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import tempfile
 import time
@@ -22,8 +21,8 @@ from pathlib import Path
 import requests
 
 from benchmarks import loadgen
-from benchmarks.compare import (WARMUP, CompareSettings, free_port, git_commit, load_tokenizer, machine_info,
-                                resolve_model, running_server, strategy_properties, write_model_dir)
+from benchmarks.compare import (WARMUP, CompareSettings, git_commit, load_tokenizer, machine_info, resolve_model,
+                                running_server, start_peer, strategy_properties, write_model_dir)
 from benchmarks.workloads import Workload, build_workload
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16, 32, 64)
@@ -72,17 +71,9 @@ def sweep_strategy(strategy: str, model_path: str, base: Workload, levels: Seque
         properties["option.max_rolling_batch_size"] = str(max(levels))
     name = strategy.replace("+", "-")
     model_dir = write_model_dir(work_dir / name, properties)
-    points = []
     with running_server(model_dir, work_dir / f"server-{name}.log", settings.ready_timeout_s,
                         settings.torch_threads) as server:
-        loadgen.send_request(requests.Session(), server.url, WARMUP, -1, stream=True)
-        for level in levels:
-            workload = level_workload(base, level, requests_per_client)
-            metrics = loadgen.benchmark(server.url, workload.requests, concurrency=level, stream=True,
-                                        timeout=settings.request_timeout_s, progress=settings.progress,
-                                        description=f"{strategy} @ {level}")
-            points.append({"concurrency": level, "metrics": metrics})
-    return points
+        return sweep_levels(server.url, strategy, base, levels, requests_per_client, settings, api=None)
 
 
 def sweep_server_peer(name: str, model_path: str, base: Workload, levels: Sequence[int], requests_per_client: int,
@@ -91,25 +82,26 @@ def sweep_server_peer(name: str, model_path: str, base: Workload, levels: Sequen
     level and on the same threads as ours, driven through OpenAI /v1/completions at every level."""
     from benchmarks import server_peers
 
-    port = free_port()
-    launch = server_peers.launch_peer(name, port=port, concurrency=max(levels),
-                                      threads=settings.torch_threads or os.cpu_count() or 1,
-                                      max_model_len=int(base.server_options.get("option.max_model_len", 2048)),
-                                      model_folder=model_path, dtype=settings.dtype, gguf=settings.gguf)
-    server = server_peers.PeerServerProcess(launch, port, work_dir / f"peer-{name}.log")
-    api = loadgen.OpenAICompletions(server_peers.SERVED_MODEL_NAME)
-    points = []
+    _, server = start_peer(name, model_path, base, max(levels), settings, work_dir)
     try:
         server.wait_ready(settings.ready_timeout_s)
-        loadgen.send_request(requests.Session(), server.url, WARMUP, -1, stream=True, api=api)
-        for level in levels:
-            workload = level_workload(base, level, requests_per_client)
-            metrics = loadgen.benchmark(server.url, workload.requests, concurrency=level, stream=True,
-                                        timeout=settings.request_timeout_s, progress=settings.progress,
-                                        description=f"{name} @ {level}", api=api)
-            points.append({"concurrency": level, "metrics": metrics})
+        return sweep_levels(server.url, name, base, levels, requests_per_client, settings,
+                            api=loadgen.OpenAICompletions(server_peers.SERVED_MODEL_NAME))
     finally:
         server.stop()
+
+
+def sweep_levels(url: str, name: str, base: Workload, levels: Sequence[int], requests_per_client: int,
+                 settings: CompareSettings, api) -> list[dict]:
+    """A warm-up request, then ``base`` at every level against a ready server; one point each."""
+    loadgen.send_request(requests.Session(), url, WARMUP, -1, stream=True, api=api)
+    points = []
+    for level in levels:
+        workload = level_workload(base, level, requests_per_client)
+        metrics = loadgen.benchmark(url, workload.requests, concurrency=level, stream=True,
+                                    timeout=settings.request_timeout_s, progress=settings.progress,
+                                    description=f"{name} @ {level}", api=api)
+        points.append({"concurrency": level, "metrics": metrics})
     return points
 
 

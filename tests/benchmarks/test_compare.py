@@ -127,3 +127,9 @@ def test_levels_run_the_comparison_at_each_concurrency_into_one_table(tiny_llama
     lines = printed.splitlines()
     assert lines[0].startswith("CPU: ") and "| concurrency | server | weights | out tok/s | TTFT p50 ms |" in printed
     assert "| 3 | paged+int8 | fp32 + int8 weights |" in printed
+
+
+@pytest.mark.parametrize("levels", ["1,x", "0", ","])
+def test_bad_levels_are_refused_naming_the_option(levels, capsys):
+    assert cli.main(["compare", "--levels", levels, "--strategies", "paged"]) == 2
+    assert "--levels must be comma-separated positive integers" in capsys.readouterr().err
