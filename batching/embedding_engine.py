@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from batching.dynamic import DynamicBatcher
 from batching.embedding_model import EmbeddingModel
-from batching.inbox import Inbox
+from batching.inbox import EngineThread
 from batching.prompt_bound import PromptSizeBound
 from batching.scheduler import SchedulerConfig
 from batching.sequence import Sequence
@@ -87,8 +87,10 @@ class _Text:
     index: int
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(EngineThread):
     """Owns the embedding thread, its inbox and the texts in flight."""
+
+    thread_name = "embedding-engine"
 
     def __init__(self, model: EmbeddingModel, *, batch_size: int, max_batch_delay_s: float,
                  job_queue_size: int = 1000, truncate: bool = False):
@@ -104,12 +106,9 @@ class EmbeddingEngine:
         self._exact, self._truncating = _tokenizers(model.tokenizer, model.max_model_len)
         self._size_bound = PromptSizeBound.of(self._exact)
         self._texts: dict[str, _Text] = {}
-        self._inbox = Inbox()
+        self._init_thread()
         self._lock = threading.Lock()
         self._num_pending = 0  # texts submitted and not answered: guarded by _lock
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.error: BaseException | None = None
         self.counters: Counter = Counter()
         self.batch_size_histogram: Counter = Counter()
 
@@ -164,43 +163,17 @@ class EmbeddingEngine:
         self._inbox.post("abort", handle)
 
     # ---- the thread ---------------------------------------------------------------------------
-    def start(self) -> "EmbeddingEngine":
-        self._thread = threading.Thread(target=self._run, name="embedding-engine", daemon=True)
-        self._thread.start()
-        return self
-
     def shutdown(self) -> None:
         """Stop after the current batch; texts still waiting fail their requests with 503."""
-        self._stopping = True
-        self._inbox.wake()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            if self._thread.is_alive():
-                return
+        if not self._stop_thread():
+            return
         self._drain_inbox()
         for text in list(self._texts.values()):
             self._fail(text.handle, ServiceUnavailableError("the server shut down before this request finished"))
 
-    @property
-    def is_healthy(self) -> bool:
-        if self._stopping or self.error is not None:
-            return False
-        return self._thread is None or self._thread.is_alive()
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._wait_for_work()
-                self._drain_inbox()
-                self.step()
-        except BaseException as error:  # the loop itself broke: /ping turns 503, requests fail
-            logger.exception("embedding engine thread died")
-            self.error = error
-            for text in list(self._texts.values()):
-                text.handle._fail(ServiceUnavailableError(f"the embedding engine stopped: {error}"))
-
-    def _wait_for_work(self) -> None:
-        self._inbox.wait(self.batcher.seconds_until_ready())
+    def _on_crash(self, error: BaseException) -> None:
+        for text in list(self._texts.values()):
+            text.handle._fail(ServiceUnavailableError(f"the embedding engine stopped: {error}"))
 
     def _drain_inbox(self) -> None:
         for kind, payload in self._inbox.drain():

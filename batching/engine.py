@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from batching.detokenizer import IncrementalDetokenizer
-from batching.inbox import Inbox
+from batching.inbox import EngineThread
 from batching.prompt_bound import PromptSizeBound
 from batching.runner import ModelRunner
 from batching.sampler import Sampler, SamplerOutput
@@ -210,7 +210,7 @@ class EngineCounters:
     max_batch_size: int = 0
 
 
-class Engine:
+class Engine(EngineThread):
     """Drives one batcher over one model runner."""
 
     def __init__(self, runner: ModelRunner, batcher: Batcher, *, job_queue_size: int = 1000):
@@ -228,12 +228,9 @@ class Engine:
         # Later choices of n > 1 requests, by the request id of the choice computing the prompt.
         self._held: dict[str, list[_RequestState]] = {}
         self._token_texts: dict[int, str] = {}  # engine thread only
-        self._inbox = Inbox()
+        self._init_thread()
         self._num_pending = 0  # submitted and not finished: guarded by _lock
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.error: BaseException | None = None
 
     # ---- submission (any thread) ---------------------------------------------------------
     def submit(self, prompt: str | list[int], params: GenerationParams, request_id: str | None = None,
@@ -320,52 +317,23 @@ class Engine:
         return self.batcher.config.max_model_len
 
     # ---- the thread --------------------------------------------------------------------------
-    def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-        return self
-
     def shutdown(self) -> None:
         """Stop the thread after its current step; requests still in the engine then fail with
         ServiceUnavailableError (their clients get a 503 or a last error frame)."""
-        self._stopping = True
-        self._inbox.wake()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            if self._thread.is_alive() or self.error is not None:
-                return  # a step is stuck, or the loop broke: its state cannot be trusted
+        if not self._stop_thread() or self.error is not None:
+            return  # a step is stuck, or the loop broke: its state cannot be trusted
         self._drain_inbox()
         self._end_all(ServiceUnavailableError("the server shut down before this request finished"),
                       AbortReason.SHUTDOWN)
 
-    @property
-    def is_running(self) -> bool:
-        """True when the engine thread drives the steps (``start()`` was called)."""
-        return self._thread is not None
+    def _after_step(self) -> None:
+        self._notify(self.observer.on_step, self._step_report())
 
-    @property
-    def is_healthy(self) -> bool:
-        if self._stopping or self.error is not None:
-            return False
-        return self._thread is None or self._thread.is_alive()
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._wait_for_work()
-                self._drain_inbox()
-                self.step()
-                self._notify(self.observer.on_step, self._step_report())
-        except BaseException as exc:  # the loop itself broke: /ping turns 503, requests fail
-            logger.exception("engine thread died")
-            self.error = exc
-            error = ServiceUnavailableError(f"the engine stopped: {exc}")
-            for state in list(self._states.values()):  # NOTE: the batcher may be broken: no freeing
-                self.counters.failed[error.kind] += 1
-                state.handle.put(error)
-
-    def _wait_for_work(self) -> None:
-        self._inbox.wait(self.batcher.seconds_until_ready())
+    def _on_crash(self, exc: BaseException) -> None:
+        error = ServiceUnavailableError(f"the engine stopped: {exc}")
+        for state in list(self._states.values()):  # NOTE: the batcher may be broken: no freeing
+            self.counters.failed[error.kind] += 1
+            state.handle.put(error)
 
     def _drain_inbox(self) -> None:
         for kind, payload in self._inbox.drain():
