@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from djl_like.errors import BadRequestError
+from djl_like.fields import load_json_object
 
 ENCODING_FORMATS = ("float", "base64")
 # Keys of an OpenAI embeddings body that this server reads or may ignore without changing a result.
@@ -30,7 +30,7 @@ class EmbeddingRequest:
 
 def parse_embedding_invocation(body: bytes) -> EmbeddingRequest:
     """LMI: ``inputs`` a string or a list of strings; ``parameters`` (optional) are ignored."""
-    payload = _json_object(body)
+    payload = load_json_object(body)
     if "inputs" not in payload:
         raise BadRequestError("inputs is missing: send {\"inputs\": \"text\"} or {\"inputs\": [\"a\", \"b\"]}")
     parameters = payload.get("parameters") or {}
@@ -43,7 +43,7 @@ def parse_embedding_invocation(body: bytes) -> EmbeddingRequest:
 def parse_openai_embeddings(body: bytes, dimension: int) -> EmbeddingRequest:
     """OpenAI: ``input`` a string or a list of strings (token arrays are refused: they would be
     another tokenizer's ids); ``dimensions``, if given, must be the model's own."""
-    payload = _json_object(body)
+    payload = load_json_object(body)
     if "input" not in payload:
         raise BadRequestError("input is missing: send {\"input\": \"text\"} or {\"input\": [\"a\", \"b\"]}")
     texts, is_batch = _texts("input", payload["input"])
@@ -59,22 +59,6 @@ def parse_openai_embeddings(body: bytes, dimension: int) -> EmbeddingRequest:
         raise BadRequestError("model must be a string")
     unknown = tuple(key for key in payload if key not in _OPENAI_KEYS)
     return EmbeddingRequest(texts, is_batch, encoding_format, model, unknown)
-
-
-def _json_object(body: bytes) -> dict:
-    try:
-        payload = json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
-    except UnicodeDecodeError as error:
-        raise BadRequestError(f"request body is not valid UTF-8: {error}") from None
-    except (ValueError, RecursionError) as error:
-        raise BadRequestError(f"request body is not valid JSON: {error}") from None
-    if not isinstance(payload, dict):
-        raise BadRequestError(f"request body must be a JSON object, got {type(payload).__name__}")
-    return payload
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")  # NOTE: Python's json would accept NaN
 
 
 def _texts(field: str, value: Any) -> tuple[tuple[str, ...], bool]:
@@ -94,8 +78,4 @@ def _text(field: str, value: Any) -> str:
         raise BadRequestError(f"{field} must be a string, got {type(value).__name__}")
     if not value:
         raise BadRequestError(f"{field} is empty")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:  # a lone surrogate from a \ud800 escape
-        raise BadRequestError(f"{field} is not valid Unicode: character {error.start} is a lone surrogate") from None
-    return value
+    return value  # (lone surrogates were refused with the body: fields.load_json_object)
