@@ -51,12 +51,17 @@ class SlowRunner(ScriptedRunner):
         return super().execute(batch)
 
 
-def test_tokenizing_a_long_prompt_on_another_thread_does_not_stall_streams(tokenizer):
+def started_slow_engine(tokenizer):
+    """A running engine over a SlowRunner that answers prompt "q" with "abcdefgh"."""
     runner = SlowRunner(tokenizer, {tokenizer.eos_token_id})
     engine, _ = scripted_engine(tokenizer, {tokenizer.eos_token_id})
     engine.runner = runner
     runner.script("q", tokenizer.encode("abcdefgh"))
-    engine.start()
+    return engine.start()
+
+
+def test_tokenizing_a_long_prompt_on_another_thread_does_not_stall_streams(tokenizer):
+    engine = started_slow_engine(tokenizer)
     try:
         handle = engine.submit("q", GenerationParams(max_new_tokens=250, ignore_eos=True))
         outputs = handle.outputs(timeout=30)
@@ -187,11 +192,7 @@ def test_a_failure_while_emitting_fails_only_that_request_and_repeats_no_step(to
 
 
 def test_shutdown_fails_the_requests_still_running_with_503(tokenizer):
-    runner = SlowRunner(tokenizer, {tokenizer.eos_token_id})
-    engine, _ = scripted_engine(tokenizer, {tokenizer.eos_token_id})
-    engine.runner = runner
-    runner.script("q", tokenizer.encode("abcdefgh"))
-    engine.start()
+    engine = started_slow_engine(tokenizer)
     handle = engine.submit("q", GenerationParams(max_new_tokens=250, ignore_eos=True))
     outputs = handle.outputs(timeout=30)
     next(outputs)
