@@ -4,11 +4,7 @@
 streams it in a layout that suits large batches. Reordered once into the layout oneDNN picks for
 the matrix (``torch.ops.mkldnn._reorder_linear_weight``, what torch's inductor uses when it
 freezes a CPU model), the same products run about twice as fast at the small batches decoding
-has. Measured on the machine of docs/benchmarks.md, one thread, 60 matrices of 576x1536:
-
-    rows        1      8      32
-    bf16   7.5 -> 3.8   8.5 -> 5.3   16.2 -> 10.9 ms
-    fp32  13.7 -> 6.3  23.2 -> 9.4   50.5 -> 20.5 ms
+has (``python -m benchmarks.linear_probe``; figures in docs/benchmarks.md).
 
 bf16 results are bitwise those of ``linear``; fp32 ones differ in the last bits (another
 summation order), as any two BLAS kernels do. Each row is computed on its own, so a request's

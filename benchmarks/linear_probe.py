@@ -4,8 +4,9 @@
 
 Multiplies ``--rows`` activation rows by 60 distinct 576x1536 weight matrices (the default
 model's MLP shape; 106 MB in bf16, more than any cache), each in turn, as a decode step reads a
-model's layers. Prints ms per pass and the bf16-equivalent GB/s for bf16 and fp32 ``linear``,
-torch's int8 weight-only kernel (``_weight_int8pack_mm``) and fbgemm's dynamic int8 linear.
+model's layers. Prints ms per pass and the bf16-equivalent GB/s for bf16 and fp32 ``linear``, the same on
+oneDNN-prepacked weights (``batching.packed_linear``), torch's int8 and int4 weight-only kernels
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) and fbgemm's dynamic int8 linear.
 """
 
 from __future__ import annotations
@@ -50,9 +51,25 @@ def main(argv: list[str] | None = None) -> None:
             dynamic.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear},
                                                                   dtype=torch.qint8))
     xf = x.float()
+    from batching.packed_linear import PackedLinear
+    from batching.quantize import Int4WeightOnlyLinear
+
+    def layers(kind, tensors):
+        out = []
+        for w in tensors:
+            linear = torch.nn.Linear(IN_FEATURES, OUT_FEATURES, bias=False, dtype=w.dtype)
+            linear.weight.data = w
+            out.append(kind(linear))
+        return out
+
+    packed_bf16, packed_fp32 = layers(PackedLinear, weights), layers(PackedLinear, fp32)
+    int4 = layers(Int4WeightOnlyLinear, weights)
     cases = {
         "bf16 linear": lambda: [torch.nn.functional.linear(x, w) for w in weights],
+        "bf16 prepacked (batching.packed_linear)": lambda: [layer(x) for layer in packed_bf16],
         "fp32 linear": lambda: [torch.nn.functional.linear(xf, w) for w in fp32],
+        "fp32 prepacked": lambda: [layer(xf) for layer in packed_fp32],
+        "int4 weight-only (_weight_int4pack_mm_for_cpu, groups of 32)": lambda: [layer(x) for layer in int4],
         "int8 weight-only (_weight_int8pack_mm)": lambda: [torch._weight_int8pack_mm(x, q, s) for q, s in zip(int8, scales)],
         "fbgemm dynamic int8": lambda: [m(xf) for m in dynamic],
     }
