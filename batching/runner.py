@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching import host_memory, model_check, packed_linear, quantize as quantization, tensor_parallel
+from batching import host_memory, lean_forward, model_check, packed_linear, quantize as quantization, tensor_parallel
 from batching.scheduler import SchedulerOutput
 from kernels import attention
 from kernels.attention import LayerSpec
@@ -119,6 +119,9 @@ class ModelRunner:
             self.model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=self.dtype, attn_implementation=attention.register(),
                 trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
+        # The engine's own forward (batching.lean_forward) on CPU: q/k/v and gate/up fused before
+        # quantizing and prepacking, which then apply to the fused layers.
+        family = lean_forward.fuse_projections(self.model) if self.device.type == "cpu" and self.group is None else None
         if self.quantize:
             # Before the checks below, so they verify the model as it will serve.
             self.quantize_report = quantization.quantize_model(self.model, self.quantize)
@@ -134,7 +137,22 @@ class ModelRunner:
         self.block_size = 0
         self.layout = KVLayout(tuple(model_check.discover_layers(self.model)))
         self.rope_limit = model_check.static_rope_limit(self.model)
-        model_check.verify(self)
+        self.lean: lean_forward.LeanForward | None = None
+        if family is not None:
+            try:
+                self.lean = lean_forward.LeanForward(self.model, family, list(self.layout.layers))
+            except ValueError as error:
+                logger.info("transformers' forward serves this model (%s)", error)
+        try:
+            model_check.verify(self)
+        except model_check.UnsupportedModelError as error:
+            if self.lean is None:
+                raise
+            # Never served wrong: the model's own forward is checked the same way next.
+            logger.warning("the engine's own forward disagrees with the model's eager forward (%s); "
+                           "serving through transformers' forward instead", error)
+            self.lean = None
+            model_check.verify(self)
 
     # ---- facts about the model -----------------------------------------------------------
     @property
@@ -205,6 +223,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: "StepInputs", logits_indices: torch.Tensor) -> torch.Tensor:
         """The model over one packed step; logits [len(logits_indices), vocab] in float32."""
+        if self.lean is not None:
+            return self.lean(inputs.input_ids, inputs.position_ids, logits_indices, inputs.metadata).float()
         with attention.step_context(inputs.metadata):
             out = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
                              logits_to_keep=logits_indices)

@@ -266,12 +266,18 @@ def lmi_attention(module, query, key, value, attention_mask=None, scaling=None, 
     v = value[0].transpose(0, 1)
     if isinstance(step, LayerDiscovery):
         return step.attend(module, q, k, v, params).unsqueeze(0), None
-    meta = step
-    k_cache, v_cache = meta.kv_caches[module.layer_idx]
+    return attend(step, module.layer_idx, q, k, v, params).unsqueeze(0), None
+
+
+def attend(meta: AttentionMetadata, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           params: AttentionParams) -> torch.Tensor:
+    """One layer of one step: write the new tokens' K/V [T, Hkv, D] into layer ``layer_idx``'s
+    cache and attend the queries [T, Hq, D] to their sequences' contexts -> [T, Hq, D]."""
+    k_cache, v_cache = meta.kv_caches[layer_idx]
     meta.backend.write(k, v, k_cache, v_cache, meta)
     if meta.num_decodes == len(meta.cu_seqlens_q) - 1:  # a decode-only step: no reassembly
-        return meta.backend.decode(q, k_cache, v_cache, meta, params).unsqueeze(0), None
-    out = torch.empty_like(q)
+        return meta.backend.decode(q, k_cache, v_cache, meta, params)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     split = meta.num_decode_tokens
     if meta.num_decodes:
         out[:split] = meta.backend.decode(q[:split], k_cache, v_cache, meta, params)
@@ -279,7 +285,7 @@ def lmi_attention(module, query, key, value, attention_mask=None, scaling=None, 
     for i in range(meta.num_decodes, len(cu) - 1):
         rows = slice(cu[i], cu[i + 1])
         out[rows] = meta.backend.prefill(q[rows], k[rows], v[rows], k_cache, v_cache, meta, i, params)
-    return out.unsqueeze(0), None
+    return out
 
 
 def register() -> str:

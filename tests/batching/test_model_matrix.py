@@ -42,6 +42,8 @@ REFUSED = {
     "falcon": ("Falcon", "attention dispatched by the model itself"),
 }
 STRATEGIES = ["dynamic", "rolling", "paged"]
+# Served by the engine's own forward (batching.lean_forward); the others by transformers' forward.
+LEAN = {"llama", "mistral", "qwen2", "qwen2-sliding", "qwen3"}
 
 
 @pytest.fixture(scope="module", params=list(MATRIX))
@@ -65,6 +67,13 @@ def test_architecture_matches_generate(matrix_model, strategy):
     outputs = run_staggered(engine, prompts, max_new, arrivals=[0, 0, 1, 4, 9, 15])
     assert_matches_generate(matrix_model, prompts, max_new, outputs)
     assert engine.stats()["max_batch_size"] > 1
+
+
+def test_forward_that_serves_each_architecture(matrix_model, request):
+    # The matrix above then proves the lean forward exact on every architecture it serves.
+    architecture = request.node.callspec.params["matrix_model"]
+    runner = ModelRunner(str(matrix_model), dtype="fp32", device="cpu")
+    assert (runner.lean is not None) == (architecture in LEAN)
 
 
 def test_architecture_under_preemption_and_prefix_cache(matrix_model):

@@ -11,7 +11,7 @@ def test_a_step_where_nothing_samples_computes_no_logits(tiny_llama):
                          max_kv_cache_tokens=512, block_size=4)
     rows_through_lm_head = []
     hook = engine.runner.model.lm_head.register_forward_hook(
-        lambda module, args, output: rows_through_lm_head.append(args[0].shape[1]))
+        lambda module, args, output: rows_through_lm_head.append(args[0].shape[-2]))
     try:
         engine.submit(list(range(3, 43)), GenerationParams(max_new_tokens=2))  # 40 tokens: 3 chunks
         engine._drain_inbox()
