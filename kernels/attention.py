@@ -154,6 +154,24 @@ class TorchBackend:
                                     reference.gather_context(v_cache, slots), params, key_start=start)
 
 
+class NativeCpuBackend(TorchBackend):
+    """CPU with the project's compiled kernels (kernels/cpu_native.py): decode attention reads the
+    block-table cache in place (no per-layer gather of padded contexts); writes and prefill are
+    the torch implementation's."""
+
+    name = "native-cpu"
+
+    def __init__(self, module):
+        self.module = module
+
+    def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
+        n = meta.num_decodes
+        out = self.module.paged_decode(query.to(k_cache.dtype), k_cache, v_cache, meta.block_tables[:n],
+                                       meta.context_lens[:n], params.scale, params.sliding_window or 0,
+                                       params.softcap or 0.0, params.sinks)
+        return out.to(query.dtype)
+
+
 class TritonBackend(TorchBackend):
     """CUDA: Triton K/V write and split-K paged decode; prefill is the torch gather + SDPA."""
 
@@ -202,9 +220,16 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
 
 
 def select_backend(device: torch.device) -> TorchBackend:
-    """The one place that picks kernels: Triton on CUDA, the torch implementation elsewhere."""
+    """The one place that picks kernels: Triton on CUDA; on CPU the compiled kernels where they
+    build (``LMI_CPU_KERNELS``, kernels/cpu_native.py), else the torch implementation."""
     if device.type == "cuda":
         return TritonBackend()
+    if device.type == "cpu":
+        from kernels import cpu_native
+
+        module = cpu_native.load()
+        if module is not None:
+            return NativeCpuBackend(module)
     return TorchBackend()
 
 

@@ -1,0 +1,209 @@
+// CPU paged decode attention that reads the block-table KV cache in place.
+//
+// The torch path (kernels/reference.py decode_from_slots) gathers every decoding sequence's
+// context into a padded copy in every layer before its two products; at long contexts the
+// copies cost as much as the products. This kernel walks each sequence's blocks directly: per
+// (sequence, KV head), scores of its query heads against every key in fp32, a softmax (with an
+// optional attention sink per query head), then the value sum, all in fp32, with the result
+// cast to the query's dtype. Semantics are those of kernels/reference.py: a window W lets the
+// query at position p see keys p - W < k <= p; softcapping applies to the scaled scores.
+//
+// Built at run time by kernels/cpu_native.py (torch.utils.cpp_extension); the torch path
+// serves where no compiler is available.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Rows of cache elements to fp32, in loops the compiler vectorizes (bf16 is the upper half of an
+// fp32: a widening shift; the kernel is built with -fno-strict-aliasing for the reinterpretation).
+inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(in[i]) << 16;
+}
+inline void to_float(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// exp(x) for x <= 0 (softmax arguments after subtracting the maximum), written so the compiler
+// vectorizes it: Cody-Waite reduction by ln 2 (round to nearest), the Cephes degree-5
+// polynomial (relative error about 1e-7), 2^n through the exponent bits; x < -87 gives 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.f ? -87.f : x;
+  const float t = clamped * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return x < -87.f ? 0.f : out;
+}
+
+// One sequence: its query heads [num_kv_heads * group][D] in fp32 against the keys at `slots`
+// (n of them; a slot holds every KV head's row) -> out rows [num_heads][D]. Each slot is read
+// once, all heads together. `D` is the head size when known at compile time (0: `head_dim`).
+template <typename T, int D>
+void attend_sequence(const float* __restrict__ q, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+                     const T* k_ptr, const T* v_ptr, const int64_t* __restrict__ slots, int64_t n, float scale,
+                     float cap, const float* sinks, float* __restrict__ scores, float* __restrict__ row,
+                     float* __restrict__ acc, T* out) {
+  const int64_t dim = D > 0 ? D : head_dim;
+  const int64_t heads = num_kv_heads * group, token_stride = num_kv_heads * dim;
+  for (int64_t i = 0; i < n; ++i) {
+    to_float(k_ptr + slots[i] * token_stride, row, token_stride);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* __restrict__ qh = q + h * dim;
+      const float* __restrict__ key = row + (h / group) * dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
+      scores[h * n + i] = dot * scale;
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* __restrict__ sh = scores + h * n;
+    if (cap > 0.f)
+      for (int64_t i = 0; i < n; ++i) sh[i] = std::tanh(sh[i] / cap) * cap;
+    float top = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, sh[i]);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) sh[i] = exp_nonpositive(sh[i] - top);
+    float sum = sinks ? exp_nonpositive(sinks[h] - top) : 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += sh[i];
+    const float inverse = sum > 0.f ? 1.f / sum : 0.f;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) sh[i] *= inverse;
+  }
+  std::fill(acc, acc + heads * dim, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    to_float(v_ptr + slots[i] * token_stride, row, token_stride);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float p = scores[h * n + i];
+      const float* __restrict__ value = row + (h / group) * dim;
+      float* __restrict__ ah = acc + h * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) ah[d] += p * value[d];
+    }
+  }
+  for (int64_t e = 0; e < heads * dim; ++e) out[e] = static_cast<T>(acc[e]);
+}
+
+template <typename T, int D>
+void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                   const torch::Tensor& block_tables, const torch::Tensor& context_lens, torch::Tensor& out,
+                   double scale, int64_t window, double softcap, const float* sink_ptr) {
+  const int64_t batch = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t table_width = block_tables.size(1);
+  const T* q_ptr = query.data_ptr<T>();
+  const T* k_ptr = k_cache.data_ptr<T>();
+  const T* v_ptr = v_cache.data_ptr<T>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  T* out_ptr = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
+  const int64_t q_stride_b = query.stride(0), q_stride_h = query.stride(1);
+
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(num_heads * head_dim), row(num_kv_heads * head_dim), acc(num_heads * head_dim), scores;
+    std::vector<int64_t> slots;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - start;
+      const int32_t* table = tables + b * table_width;
+      slots.resize(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = start + i;
+        slots[i] = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+      }
+      scores.resize(num_heads * n);
+      for (int64_t h = 0; h < num_heads; ++h)
+        to_float(q_ptr + b * q_stride_b + h * q_stride_h, q.data() + h * head_dim, head_dim);
+      attend_sequence<T, D>(q.data(), num_kv_heads, group, head_dim, k_ptr, v_ptr, slots.data(), n, fscale, fcap,
+                            sink_ptr, scores.data(), row.data(), acc.data(), out_ptr + b * num_heads * head_dim);
+    }
+  });
+}
+
+template <typename T>
+void decode_any_head_size(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                          const torch::Tensor& block_tables, const torch::Tensor& context_lens, torch::Tensor& out,
+                          double scale, int64_t window, double softcap, const float* sinks) {
+  switch (query.size(2)) {
+    case 64: return decode_kernel<T, 64>(query, k_cache, v_cache, block_tables, context_lens, out, scale, window, softcap, sinks);
+    case 128: return decode_kernel<T, 128>(query, k_cache, v_cache, block_tables, context_lens, out, scale, window, softcap, sinks);
+    default: return decode_kernel<T, 0>(query, k_cache, v_cache, block_tables, context_lens, out, scale, window, softcap, sinks);
+  }
+}
+
+}  // namespace
+
+// query [B, Hq, D] (rows may be strided), caches [num_blocks, block_size, Hkv, D] contiguous, in the
+// query's dtype; block_tables [B, W] int32; context_lens [B] int32 (the new token included) ->
+// out [B, Hq, D] contiguous. window <= 0: no window; softcap <= 0: none; sinks [Hq] or None.
+torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window,
+                           double softcap, c10::optional<torch::Tensor> sinks) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "query and caches must share a dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(query.stride(2) == 1, "query rows must be contiguous in the head dimension");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0 && query.size(2) == k_cache.size(3), "head shapes differ");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
+              "block tables and lengths must be int32");
+  block_tables = block_tables.contiguous();
+  context_lens = context_lens.contiguous();
+  TORCH_CHECK(block_tables.size(0) == query.size(0) && context_lens.size(0) == query.size(0), "batch sizes differ");
+  auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  torch::Tensor sinks_f;
+  const float* sink_ptr = nullptr;
+  if (sinks.has_value()) {
+    sinks_f = sinks->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(sinks_f.numel() == query.size(1), "one sink per query head");
+    sink_ptr = sinks_f.data_ptr<float>();
+  }
+  switch (query.scalar_type()) {
+    case torch::kFloat32:
+      decode_any_head_size<float>(query, k_cache, v_cache, block_tables, context_lens, out, scale, window, softcap, sink_ptr);
+      break;
+    case torch::kBFloat16:
+      decode_any_head_size<c10::BFloat16>(query, k_cache, v_cache, block_tables, context_lens, out, scale, window, softcap,
+                                          sink_ptr);
+      break;
+    case torch::kFloat16:
+      decode_any_head_size<c10::Half>(query, k_cache, v_cache, block_tables, context_lens, out, scale, window, softcap,
+                                      sink_ptr);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention over the block-table KV cache (CPU)");
+}
