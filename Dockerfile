@@ -28,6 +28,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The native CPU kernels (kernels/cpu_native.py) are compiled for the host's CPU at the first
+# start, which needs a C++ compiler: a CPU image (EXTRAS empty) gets g++; a CUDA image serves
+# with Triton and gets none (on CPU it would use the torch path). CXX_COMPILER=yes|no overrides.
+ARG CXX_COMPILER=auto
+RUN if [ "$CXX_COMPILER" = yes ] || { [ "$CXX_COMPILER" = auto ] && [ -z "$EXTRAS" ]; }; then \
+        apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # A fixed numeric user, so `runAsNonRoot` checks (Kubernetes) can verify it without /etc/passwd.
 RUN groupadd --gid 10001 lmi \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /var/cache/lmi \
@@ -58,7 +66,7 @@ sys.exit(None if have == pin else f'base image has torch {have}, constraints.txt
 
 # Everything the server writes at run time goes under LMI_CACHE_DIR, the one writable folder:
 # S3 downloads and extracted archives (container/model_store.py), the converted default model,
-# the Hugging Face cache, Triton's and TorchInductor's compile caches, temporary files, and
+# the Hugging Face cache, Triton's, TorchInductor's and the native CPU kernels' builds, temporary files, and
 # anything else that writes under $HOME. Set after the install, which runs as root and must
 # leave nothing there. Hub downloads are off: models come from /opt/ml/model, S3 or this cache.
 ENV LMI_CACHE_DIR=/var/cache/lmi \
@@ -67,6 +75,7 @@ ENV LMI_CACHE_DIR=/var/cache/lmi \
     HF_HUB_OFFLINE=1 \
     TRITON_CACHE_DIR=/var/cache/lmi/triton \
     TORCHINDUCTOR_CACHE_DIR=/var/cache/lmi/torchinductor \
+    TORCH_EXTENSIONS_DIR=/var/cache/lmi/torch_extensions \
     TMPDIR=/var/cache/lmi
 
 WORKDIR /var/cache/lmi
