@@ -36,6 +36,8 @@ inline void to_float(const c10::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+constexpr int64_t TILE = 16;  // cache slots converted to fp32 at a time
+
 // exp(x) for x <= 0 (softmax arguments after subtracting the maximum), written so the compiler
 // vectorizes it: Cody-Waite reduction by ln 2 (round to nearest), the Cephes degree-5
 // polynomial (relative error about 1e-7), 2^n through the exponent bits; x < -87 gives 0.
@@ -65,19 +67,26 @@ inline float exp_nonpositive(float x) {
 template <typename T, int D>
 void attend_sequence(const float* __restrict__ q, int64_t num_kv_heads, int64_t group, int64_t head_dim,
                      const T* k_ptr, const T* v_ptr, const int64_t* __restrict__ slots, int64_t n, float scale,
-                     float cap, const float* sinks, float* __restrict__ scores, float* __restrict__ row,
+                     float cap, const float* sinks, float* __restrict__ scores, float* __restrict__ tile,
                      float* __restrict__ acc, T* out) {
   const int64_t dim = D > 0 ? D : head_dim;
   const int64_t heads = num_kv_heads * group, token_stride = num_kv_heads * dim;
-  for (int64_t i = 0; i < n; ++i) {
-    to_float(k_ptr + slots[i] * token_stride, row, token_stride);
+  // Keys, TILE slots at a time: converted to fp32 once into `tile` [TILE][token_stride] (it stays
+  // in L1), then every head's dot products against them.
+  for (int64_t i0 = 0; i0 < n; i0 += TILE) {
+    const int64_t count = std::min<int64_t>(TILE, n - i0);
+    for (int64_t t = 0; t < count; ++t) to_float(k_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
     for (int64_t h = 0; h < heads; ++h) {
       const float* __restrict__ qh = q + h * dim;
-      const float* __restrict__ key = row + (h / group) * dim;
-      float dot = 0.f;
+      const float* __restrict__ keys = tile + (h / group) * dim;
+      float* __restrict__ sh = scores + h * n + i0;
+      for (int64_t t = 0; t < count; ++t) {
+        const float* __restrict__ key = keys + t * token_stride;
+        float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
-      scores[h * n + i] = dot * scale;
+        for (int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
+        sh[t] = dot * scale;
+      }
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
@@ -95,15 +104,26 @@ void attend_sequence(const float* __restrict__ q, int64_t num_kv_heads, int64_t 
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) sh[i] *= inverse;
   }
+  // Values, a tile at a time; each head's accumulator row stays in registers across the tile.
   std::fill(acc, acc + heads * dim, 0.f);
-  for (int64_t i = 0; i < n; ++i) {
-    to_float(v_ptr + slots[i] * token_stride, row, token_stride);
+  for (int64_t i0 = 0; i0 < n; i0 += TILE) {
+    const int64_t count = std::min<int64_t>(TILE, n - i0);
+    for (int64_t t = 0; t < count; ++t) to_float(v_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
     for (int64_t h = 0; h < heads; ++h) {
-      const float p = scores[h * n + i];
-      const float* __restrict__ value = row + (h / group) * dim;
-      float* __restrict__ ah = acc + h * dim;
+      const float* __restrict__ values = tile + (h / group) * dim;
+      const float* __restrict__ ph = scores + h * n + i0;
+      float row[D > 0 ? D : 1];
+      float* __restrict__ ah = D > 0 ? row : acc + h * dim;
+      if (D > 0)
+        for (int64_t d = 0; d < dim; ++d) ah[d] = acc[h * dim + d];
+      for (int64_t t = 0; t < count; ++t) {
+        const float p = ph[t];
+        const float* __restrict__ value = values + t * token_stride;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) ah[d] += p * value[d];
+        for (int64_t d = 0; d < dim; ++d) ah[d] += p * value[d];
+      }
+      if (D > 0)
+        for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] = ah[d];
     }
   }
   for (int64_t e = 0; e < heads * dim; ++e) out[e] = static_cast<T>(acc[e]);
@@ -127,7 +147,7 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
   const int64_t q_stride_b = query.stride(0), q_stride_h = query.stride(1);
 
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(num_heads * head_dim), row(num_kv_heads * head_dim), acc(num_heads * head_dim), scores;
+    std::vector<float> q(num_heads * head_dim), tile(TILE * num_kv_heads * head_dim), acc(num_heads * head_dim), scores;
     std::vector<int64_t> slots;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lens[b];
@@ -143,7 +163,7 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
       for (int64_t h = 0; h < num_heads; ++h)
         to_float(q_ptr + b * q_stride_b + h * q_stride_h, q.data() + h * head_dim, head_dim);
       attend_sequence<T, D>(q.data(), num_kv_heads, group, head_dim, k_ptr, v_ptr, slots.data(), n, fscale, fcap,
-                            sink_ptr, scores.data(), row.data(), acc.data(), out_ptr + b * num_heads * head_dim);
+                            sink_ptr, scores.data(), tile.data(), acc.data(), out_ptr + b * num_heads * head_dim);
     }
   });
 }
