@@ -55,6 +55,9 @@ class Int8WeightOnlyLinear(nn.Module):
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == self.scales.dtype:  # the engine's own forward: no reshapes or casts
+            y = torch._weight_int8pack_mm(x, self.qweight, self.scales)
+            return y if self.bias is None else y + self.bias
         rows = x.reshape(-1, self.in_features)
         y = torch._weight_int8pack_mm(rows.to(self.scales.dtype), self.qweight, self.scales).to(x.dtype)
         if self.bias is not None:
@@ -83,6 +86,9 @@ class Int4WeightOnlyLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == self.scales_and_zeros.dtype:  # the engine's own forward
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+            return y if self.bias is None else y + self.bias
         rows = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
                                                         self.scales_and_zeros).to(x.dtype)
