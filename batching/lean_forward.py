@@ -191,7 +191,11 @@ class LeanForward:
     """The lean forward of one fused model (``fuse_projections``), bound to the attention
     parameters the discovery forward saw in each layer (``batching.model_check.discover_layers``)."""
 
-    def __init__(self, model: nn.Module, family: str, specs: list[LayerSpec]):
+    def __init__(self, model: nn.Module, family: str, specs: list[LayerSpec], native=None):
+        """``native``: the compiled CPU kernels (kernels/cpu_native.py) for the fused elementwise
+        steps (residual add + RMSNorm, rotary embedding in place, SiLU product), or None for
+        torch's operators."""
+        self.native = native
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
@@ -223,6 +227,8 @@ class LeanForward:
         """input_ids, position_ids [1, T] -> logits [len(logits_indices), vocab] in the model's dtype."""
         x = self.embed.forward(input_ids)  # [1, T, hidden]
         cos, sin = self.rotary(x, position_ids)
+        if self.native is not None:
+            return self._native_layers(x[0], cos[0], sin[0], logits_indices, meta)
         x = x[0]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
         num_tokens, eps = x.shape[0], self.eps
@@ -243,3 +249,29 @@ class LeanForward:
             x = x + layer.down.forward(F.silu(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:])
         # The final norm is per row: only the rows that sample need it.
         return self.lm_head(rms_norm(x[logits_indices], self.final_norm.weight, eps))
+
+    def _native_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logits_indices: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        """The layers with the compiled elementwise steps; ``x`` [T, hidden] (a fresh embedding
+        output: the residual stream is updated in place), cos/sin [T, head_dim]."""
+        native, eps, num_tokens = self.native, self.eps, x.shape[0]
+        h = native.add_rms_norm(x, None, self.layers[0].input_norm, eps)
+        for i, layer in enumerate(self.layers):
+            heads, kv_heads = layer.num_heads, layer.num_kv_heads
+            qkv = layer.qkv.forward(h).view(num_tokens, heads + 2 * kv_heads, layer.head_dim)
+            if layer.q_norm is None:
+                native.rope_(qkv, cos, sin, heads + kv_heads)
+                q, k = qkv[:, :heads], qkv[:, heads:heads + kv_heads]
+            else:
+                q = rotate(rms_norm(qkv[:, :heads], layer.q_norm, self.qk_norm_eps), cos[:, None], sin[:, None])
+                k = rotate(rms_norm(qkv[:, heads:heads + kv_heads], layer.k_norm, self.qk_norm_eps),
+                           cos[:, None], sin[:, None])
+            out = attention.attend(meta, layer.layer_idx, q, k, qkv[:, heads + kv_heads:], layer.params)
+            h = native.add_rms_norm(x, layer.o_proj.forward(out.reshape(num_tokens, heads * layer.head_dim)),
+                                    layer.post_norm, eps)
+            mlp = layer.down.forward(native.silu_mul(layer.gate_up.forward(h)))
+            if i + 1 < len(self.layers):
+                h = native.add_rms_norm(x, mlp, self.layers[i + 1].input_norm, eps)
+            else:
+                x.add_(mlp)
+        return self.lm_head(native.add_rms_norm(x[logits_indices], None, self.final_norm.weight, eps))

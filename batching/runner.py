@@ -140,7 +140,10 @@ class ModelRunner:
         self.lean: lean_forward.LeanForward | None = None
         if family is not None:
             try:
-                self.lean = lean_forward.LeanForward(self.model, family, list(self.layout.layers))
+                from kernels import cpu_native
+
+                self.lean = lean_forward.LeanForward(self.model, family, list(self.layout.layers),
+                                                     native=cpu_native.load())
             except ValueError as error:
                 logger.info("transformers' forward serves this model (%s)", error)
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "cpu_attention.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_layer_ops.cpp")]
 ENV = "LMI_CPU_KERNELS"
 
 _lock = threading.Lock()

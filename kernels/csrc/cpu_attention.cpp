@@ -224,6 +224,14 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// kernels/csrc/cpu_layer_ops.cpp
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
+void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention over the block-table KV cache (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "x += delta (in place, optional), then RMSNorm(x) * weight");
+  m.def("rope_", &rope_, "rotary embedding of the first heads of q/k/v rows, in place");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
 }

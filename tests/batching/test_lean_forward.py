@@ -67,8 +67,10 @@ def test_models_outside_the_lean_families_keep_transformers_forward(tmp_path, qw
 
 
 def test_a_lean_forward_that_disagrees_with_the_model_is_not_served(qwen2_folder, monkeypatch, caplog):
-    # A deliberately wrong rotary embedding: the load-time check must catch it and fall back.
-    monkeypatch.setattr(lean_forward, "rotate", lambda x, cos, sin: x)
+    # A deliberately wrong own forward (logits off by a quarter): the load-time check must catch it
+    # and fall back to transformers' forward.
+    right = lean_forward.LeanForward.__call__
+    monkeypatch.setattr(lean_forward.LeanForward, "__call__", lambda self, *args: right(self, *args) * 1.25)
     with caplog.at_level(logging.WARNING, logger="batching.runner"):
         runner = ModelRunner(str(qwen2_folder), dtype="fp32", device="cpu")
     assert runner.lean is None

@@ -111,3 +111,86 @@ def test_a_kernel_that_does_not_build_leaves_the_torch_path(monkeypatch, tmp_pat
     assert cpu_native.load() is None
     assert "could not be built" in caplog.text
     assert type(attention.select_backend(torch.device("cpu"))) is attention.TorchBackend
+
+
+# ---- the fused elementwise steps of the own forward (kernels/csrc/cpu_layer_ops.cpp) ----------
+
+
+def _rms_norm_torch(x, weight, eps):
+    from batching.lean_forward import rms_norm
+
+    return rms_norm(x, weight, eps)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_add_rms_norm_adds_in_place_and_normalizes_like_the_model(dtype, rows):
+    generator = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(rows, 96, generator=generator)).to(dtype)
+    delta = torch.randn(rows, 96, generator=generator).to(dtype)
+    weight = torch.randn(96, generator=generator).to(dtype)
+    expected_sum = x + delta
+    expected = _rms_norm_torch(expected_sum, weight, 1e-5)
+    got = native.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(x, expected_sum)  # the residual stream, rounded once as in the model
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # the fp32 mean may sum in another order
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    untouched = x.clone()
+    torch.testing.assert_close(native.add_rms_norm(x, None, weight, 1e-5).float(),
+                               _rms_norm_torch(untouched, weight, 1e-5).float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(x, untouched)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_q_and_k_heads_in_place_and_leaves_v(dtype):
+    from batching.lean_forward import rotate
+
+    generator = torch.Generator().manual_seed(8)
+    tokens, heads, kv_heads, head_dim = 5, 4, 2, 16
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
+    angles = torch.randn(tokens, head_dim // 2, generator=generator)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    expected = qkv.clone()
+    expected[:, :heads + kv_heads] = rotate(qkv[:, :heads + kv_heads], cos[:, None], sin[:, None])
+    native.rope_(qkv, cos, sin, heads + kv_heads)
+    if dtype == torch.bfloat16:
+        assert torch.equal(qkv, expected)  # every product and sum rounded where the model rounds
+    else:
+        torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_equals_silu_gate_times_up(dtype):
+    generator = torch.Generator().manual_seed(9)
+    gate_up = (4 * torch.randn(6, 2 * 80, generator=generator)).to(dtype)
+    gate_up[0, :5] = torch.tensor([-100.0, -20.0, 0.0, 20.0, 100.0])  # the exponent's extremes
+    expected = torch.nn.functional.silu(gate_up[:, :80]) * gate_up[:, 80:]
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(native.silu_mul(gate_up).float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@needs_native
+def test_own_forward_with_and_without_compiled_steps_agree(tmp_path):
+    from batching.runner import ModelRunner
+    from tests.tiny_models import build_model
+
+    folder = build_model(tmp_path / "llama", "llama")
+    runner = ModelRunner(str(folder), dtype="fp32", device="cpu")
+    assert runner.lean is not None and runner.lean.native is not None
+    from batching.model_check import UnsupportedModelError, verify
+
+    compiled = runner.lean.native
+    runner.lean.native = None  # torch's operators: must pass the same load-time check
+    verify(runner)
+
+    class WithoutRotation:  # the compiled steps with the rotary embedding left out
+        def __getattr__(self, name):
+            return (lambda *args: None) if name == "rope_" else getattr(compiled, name)
+
+    runner.lean.native = WithoutRotation()
+    with pytest.raises(UnsupportedModelError):
+        verify(runner)

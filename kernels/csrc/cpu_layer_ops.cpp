@@ -1,0 +1,220 @@
+// Fused elementwise steps of a Llama-family decoder layer for the engine's own forward
+// (batching/lean_forward.py), each replacing several torch operators (and their dispatch cost,
+// which dominates at small batches). Every step rounds where transformers' code rounds: in bf16,
+// x + delta is rounded once, the RMSNorm scale is computed in fp32 and rounded to bf16 before the
+// weight product, and each rotary product and their sum are rounded, so results are those of the
+// torch operators (up to the fp32 summation order of the norm's mean).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// Rows are converted to fp32 buffers, computed there, and converted back, in loops the compiler
+// vectorizes; `round_to<T>` is what storing an fp32 intermediate in T does (round to nearest even).
+inline void load(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void load(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(in[i]) << 16;
+}
+inline void load(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline uint32_t bf16_bits(float value) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
+}
+
+template <typename T>
+inline void round_to(float* values, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t* bits = reinterpret_cast<uint32_t*>(values);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) bits[i] = bf16_bits(values[i]) << 16;
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    for (int64_t i = 0; i < n; ++i) values[i] = static_cast<float>(static_cast<c10::Half>(values[i]));
+  }
+}
+
+inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint16_t>(bf16_bits(src[i]));
+}
+inline void store(const float* src, c10::Half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+// exp(x) for x <= 0 (kernels/csrc/cpu_attention.cpp has the same polynomial), vectorizable.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.f ? -87.f : x;
+  const float t = clamped * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return x < -87.f ? 0.f : out;
+}
+
+template <typename T>
+void add_rms_norm_kernel(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(width), b(width), w(width);
+    load(weight, w.data(), width);
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = x + r * width;
+      load(xr, a.data(), width);
+      if (delta) {
+        load(delta + r * width, b.data(), width);
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) a[i] += b[i];
+        round_to<T>(a.data(), width);
+        store(a.data(), xr, width);
+      }
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < width; ++i) sum += a[i] * a[i];
+      const float scale = 1.f / std::sqrt(sum / static_cast<float>(width) + eps);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) a[i] *= scale;
+      round_to<T>(a.data(), width);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) a[i] *= w[i];
+      store(a.data(), out + r * width, width);
+    }
+  });
+}
+
+template <typename T>
+void rope_kernel(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t heads, int64_t row_stride,
+                 int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(head_dim), s(head_dim), v(head_dim), first(half), second(half), t1(half), t2(half);
+    for (int64_t t = begin; t < end; ++t) {
+      load(cos + t * head_dim, c.data(), head_dim);
+      load(sin + t * head_dim, s.data(), head_dim);
+      for (int64_t h = 0; h < heads; ++h) {
+        T* row = qkv + t * row_stride + h * head_dim;
+        load(row, v.data(), head_dim);
+        // x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); each product rounded.
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          first[i] = v[i] * c[i];
+          t1[i] = -v[i + half] * s[i];
+          second[i] = v[i + half] * c[i + half];
+          t2[i] = v[i] * s[i + half];
+        }
+        round_to<T>(first.data(), half);
+        round_to<T>(t1.data(), half);
+        round_to<T>(second.data(), half);
+        round_to<T>(t2.data(), half);
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          v[i] = first[i] + t1[i];
+          v[i + half] = second[i] + t2[i];
+        }
+        store(v.data(), row, head_dim);
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(width), u(width);
+    for (int64_t r = begin; r < end; ++r) {
+      load(gate_up + r * 2 * width, g.data(), width);
+      load(gate_up + r * 2 * width + width, u.data(), width);
+      // silu(x) = x * sigmoid(x), sigmoid from exp(-|x|) so the exponent is never positive.
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float x = g[i];
+        const float e = exp_nonpositive(x < 0.f ? x : -x);
+        const float sigmoid = x < 0.f ? e / (1.f + e) : 1.f / (1.f + e);
+        g[i] = x * sigmoid;
+      }
+      round_to<T>(g.data(), width);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) g[i] *= u[i];
+      store(g.data(), out + r * width, width);
+    }
+  });
+}
+
+#define LMI_DISPATCH(dtype, NAME, ...)                                              \
+  switch (dtype) {                                                                  \
+    case torch::kFloat32: { using scalar = float; __VA_ARGS__; break; }             \
+    case torch::kBFloat16: { using scalar = c10::BFloat16; __VA_ARGS__; break; }    \
+    case torch::kFloat16: { using scalar = c10::Half; __VA_ARGS__; break; }         \
+    default: TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);                \
+  }
+
+}  // namespace
+
+// x [rows, width] (updated in place to x + delta when delta is given), weight [width] ->
+// RMSNorm(x) * weight [rows, width].
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "add_rms_norm: x must be a contiguous [rows, width] tensor");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "add_rms_norm: weight must be [width] in x's dtype");
+  torch::Tensor d;
+  if (delta.has_value()) {
+    d = delta->contiguous();
+    TORCH_CHECK(d.sizes() == x.sizes() && d.scalar_type() == x.scalar_type(), "add_rms_norm: delta differs from x");
+  }
+  auto w = weight.contiguous();
+  auto out = torch::empty_like(x);
+  LMI_DISPATCH(x.scalar_type(), "add_rms_norm",
+               add_rms_norm_kernel<scalar>(x.data_ptr<scalar>(), d.defined() ? d.data_ptr<scalar>() : nullptr,
+                                           w.data_ptr<scalar>(), out.data_ptr<scalar>(), x.size(0), x.size(1),
+                                           static_cast<float>(eps)));
+  return out;
+}
+
+// The first `heads` heads of each row of qkv [tokens, >= heads, head_dim] (rows may be strided,
+// heads contiguous) rotated in place by cos, sin [tokens, head_dim].
+void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.stride(2) == 1 && qkv.stride(1) == qkv.size(2), "rope_: qkv layout");
+  TORCH_CHECK(heads <= qkv.size(1) && qkv.size(2) % 2 == 0, "rope_: heads");
+  auto c = cos.contiguous(), s = sin.contiguous();
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == qkv.size(0) && c.size(1) == qkv.size(2) && c.sizes() == s.sizes(),
+              "rope_: cos and sin must be [tokens, head_dim]");
+  TORCH_CHECK(c.scalar_type() == qkv.scalar_type() && s.scalar_type() == qkv.scalar_type(), "rope_: dtypes differ");
+  LMI_DISPATCH(qkv.scalar_type(), "rope_",
+               rope_kernel<scalar>(qkv.data_ptr<scalar>(), c.data_ptr<scalar>(), s.data_ptr<scalar>(), qkv.size(0),
+                                   heads, qkv.stride(0), qkv.size(2)));
+}
+
+// gate_up [rows, 2 * width] (gate then up) -> silu(gate) * up [rows, width].
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up must be [rows, 2 * width]");
+  auto gu = gate_up.contiguous();
+  auto out = torch::empty({gu.size(0), gu.size(1) / 2}, gu.options());
+  LMI_DISPATCH(gu.scalar_type(), "silu_mul",
+               silu_mul_kernel<scalar>(gu.data_ptr<scalar>(), out.data_ptr<scalar>(), gu.size(0), gu.size(1) / 2));
+  return out;
+}
