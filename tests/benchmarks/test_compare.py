@@ -133,3 +133,20 @@ def test_levels_run_the_comparison_at_each_concurrency_into_one_table(tiny_llama
 def test_bad_levels_are_refused_naming_the_option(levels, capsys):
     assert cli.main(["compare", "--levels", levels, "--strategies", "paged"]) == 2
     assert "--levels must be comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_set_puts_serving_properties_over_the_workloads_on_every_strategy():
+    settings = CompareSettings(extra_properties=cli._properties(
+        ["option.max_rolling_batch_prefill_tokens=256", " option.enable_prefix_caching = true"]))
+    workload = build_workload("peers", num_requests=2, concurrency=2)
+    assert workload.server_options["option.max_rolling_batch_prefill_tokens"] == "1024"
+    for strategy in ("rolling", "paged", "paged+int4"):
+        properties = compare.strategy_properties(strategy, "/m", workload, settings)
+        assert properties["option.max_rolling_batch_prefill_tokens"] == "256"
+        assert properties["option.enable_prefix_caching"] == "true"
+
+
+@pytest.mark.parametrize("entry", ["option.dtype", "=bf16", ""])
+def test_bad_set_entries_are_refused_naming_the_option(entry, capsys):
+    assert cli.main(["compare", "--set", entry, "--strategies", "paged"]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
