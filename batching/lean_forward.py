@@ -1,4 +1,4 @@
-"""The engine's own forward pass for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+"""The engine's own forward pass for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, Phi-3).
 
 transformers' forward is written for every use of a model: each decoder layer goes through
 module calls, keyword plumbing, output-capturing decorators, separate q/k/v and gate/up
@@ -6,8 +6,8 @@ projections and a rotary helper per tensor. At one sequence per step that Python
 much as the weights' own reads (docs/benchmarks.md, "Own forward"). For the architectures below
 the engine runs the same computation itself:
 
-- **Fused projections** (``fuse_projections``): q, k and v become one linear layer of the
-  concatenated weights, gate and up another, so a layer makes four matrix products instead of
+- **Fused projections** (``fuse_projections``; Phi-3's checkpoints come fused): q, k and v become
+  one linear layer of the concatenated weights, gate and up another, so a layer makes four matrix products instead of
   seven. The model's own ``q_proj`` ... ``up_proj`` become ``FusedSlice`` views of those layers,
   so transformers' forward still runs (the load-time check compares against it) and no weight
   is stored twice. Quantization and prepacking then apply to the fused layers like to any other.
@@ -41,9 +41,36 @@ from kernels.reference import AttentionParams
 
 logger = logging.getLogger(__name__)
 
-# transformers class-name prefix of each family -> whether its attention normalizes q and k per head.
-FAMILIES = {"Llama": False, "Mistral": False, "Qwen2": False, "Qwen3": True}
 QKV, GATE_UP = "lmi_qkv_proj", "lmi_gate_up_proj"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family's modules look like beyond Llama's."""
+
+    qk_norm: bool = False  # q and k normalized per head before the rotary embedding (Qwen3)
+    fused: bool = False  # the checkpoint already fuses q/k/v and gate/up (Phi-3's qkv_proj, gate_up_proj)
+    dropouts: tuple[str, ...] = ()  # decoder-layer dropouts (identity in eval mode)
+
+    @property
+    def attention_children(self) -> set[str]:
+        if self.fused:
+            return {"qkv_proj", "o_proj"}
+        return {"q_proj", "k_proj", "v_proj", "o_proj"} | ({"q_norm", "k_norm"} if self.qk_norm else set())
+
+    @property
+    def mlp_children(self) -> set[str]:
+        return {"gate_up_proj", "down_proj", "activation_fn"} if self.fused else {"gate_proj", "up_proj", "down_proj", "act_fn"}
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        """The fused q/k/v layer, the fused gate/up layer and the activation, by attribute name."""
+        return ("qkv_proj", "gate_up_proj", "activation_fn") if self.fused else (QKV, GATE_UP, "act_fn")
+
+
+# transformers class-name prefix of each family.
+FAMILIES = {"Llama": Family(), "Mistral": Family(), "Qwen2": Family(), "Qwen3": Family(qk_norm=True),
+            "Phi3": Family(fused=True, dropouts=("resid_attn_dropout", "resid_mlp_dropout"))}
 
 
 class FusedSlice(nn.Module):
@@ -110,30 +137,39 @@ def lean_family(model: nn.Module) -> tuple[str | None, str]:
     config = model.config
     if getattr(config, "hidden_act", None) not in ("silu", "swish"):
         return None, f"hidden_act={getattr(config, 'hidden_act', None)!r}"
+    family = FAMILIES[prefix]
+    if model.training:
+        return None, "the model is in training mode"
     inner = getattr(model, "model", None)
     expected = [(model, "ForCausalLM", {"model", "lm_head"}),
                 (inner, "Model", {"embed_tokens", "layers", "norm", "rotary_emb"})]
-    attention_children = {"q_proj", "k_proj", "v_proj", "o_proj"} | ({"q_norm", "k_norm"} if FAMILIES[prefix] else set())
     for layer in getattr(inner, "layers", []):
-        expected += [(layer, "DecoderLayer", {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}),
-                     (layer.self_attn, "Attention", attention_children),
-                     (layer.mlp, "MLP", {"gate_proj", "up_proj", "down_proj", "act_fn"})]
+        expected += [(layer, "DecoderLayer",
+                      {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm", *family.dropouts}),
+                     (layer.self_attn, "Attention", family.attention_children),
+                     (layer.mlp, "MLP", family.mlp_children)]
     for module, suffix, children in expected:
         if type(module).__name__ != prefix + suffix or _children(module) != children:
             return None, f"{type(module).__name__} has submodules {sorted(_children(module))}, not {sorted(children)}"
     norms = [inner.norm] + [norm for layer in inner.layers for norm in
                             (layer.input_layernorm, layer.post_attention_layernorm,
-                             *((layer.self_attn.q_norm, layer.self_attn.k_norm) if FAMILIES[prefix] else ()))]
+                             *((layer.self_attn.q_norm, layer.self_attn.k_norm) if family.qk_norm else ()))]
     if any(type(norm).__name__ != prefix + "RMSNorm" for norm in norms):
         return None, "a norm is not the family's RMSNorm"
     for layer in inner.layers:
-        projections = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        projections += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(getattr(layer, name)) is not nn.Dropout for name in family.dropouts):
+            return None, "a decoder-layer dropout is not nn.Dropout"
+        names = (["qkv_proj", "o_proj"] if family.fused else ["q_proj", "k_proj", "v_proj", "o_proj"])
+        projections = [getattr(layer.self_attn, n) for n in names]
+        mlp_names = ["gate_up_proj", "down_proj"] if family.fused else ["gate_proj", "up_proj", "down_proj"]
+        projections += [getattr(layer.mlp, n) for n in mlp_names]
         if any(type(p) is not nn.Linear for p in projections):
             return None, "a projection is not a plain nn.Linear"
-        if type(layer.mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU"):
-            return None, f"the MLP activation is {type(layer.mlp.act_fn).__name__}"
-        for group in ((projections[0], projections[1], projections[2]), (projections[4], projections[5])):
+        activation = getattr(layer.mlp, family.names[2])
+        if type(activation).__name__ not in ("SiLUActivation", "SiLU"):
+            return None, f"the MLP activation is {type(activation).__name__}"
+        groups = [] if family.fused else [projections[0:3], projections[4:6]]
+        for group in groups:
             if len({(p.bias is None, p.weight.dtype) for p in group}) != 1:
                 return None, "projections of one group differ in bias or dtype"
     if type(inner.embed_tokens) is not nn.Embedding:
@@ -149,9 +185,10 @@ def fuse_projections(model: nn.Module) -> str | None:
     if family is None:
         logger.info("transformers' forward serves this model (%s)", reason)
         return None
-    for layer in model.model.layers:
-        _fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj"), QKV)
-        _fuse(layer.mlp, ("gate_proj", "up_proj"), GATE_UP)
+    if not FAMILIES[family].fused:
+        for layer in model.model.layers:
+            _fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj"), QKV)
+            _fuse(layer.mlp, ("gate_proj", "up_proj"), GATE_UP)
     return family
 
 
@@ -182,7 +219,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as transformers applies it: ``x * cos + rotate_half(x) * sin``."""
+    """Rotary embedding as transformers applies it: ``x * cos + rotate_half(x) * sin`` on the first
+    ``cos.shape[-1]`` features of each head (all of them but for a partial rotary factor), the
+    rest passed through."""
+    width = cos.shape[-1]
+    if width < x.shape[-1]:
+        return torch.cat([rotate(x[..., :width], cos, sin), x[..., width:]], dim=-1)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -207,20 +249,22 @@ class LeanForward:
             raise ValueError(f"the norms use different epsilons {sorted(eps)}")
         self.eps = eps.pop()
         self.layers: list[_Layer] = []
+        qkv_name, gate_up_name, _ = FAMILIES[family].names
+        qk_norm = FAMILIES[family].qk_norm
         for layer, spec in zip(inner.layers, specs, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             if spec.softcap is not None or spec.has_sinks or spec.layer_idx != attn.layer_idx:
                 raise ValueError(f"layer {spec.layer_idx} asks for softcapping or sinks, or is out of order")
-            qkv_width = getattr(attn, QKV).out_features
+            qkv_width = getattr(attn, qkv_name).out_features
             head_dim = spec.head_dim
             num_heads = qkv_width // head_dim - 2 * spec.num_kv_heads
             self.layers.append(_Layer(
-                layer.input_layernorm.weight, layer.post_attention_layernorm.weight, getattr(attn, QKV),
-                attn.o_proj, getattr(mlp, GATE_UP), mlp.down_proj,
-                attn.q_norm.weight if FAMILIES[family] else None, attn.k_norm.weight if FAMILIES[family] else None,
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight, getattr(attn, qkv_name),
+                attn.o_proj, getattr(mlp, gate_up_name), mlp.down_proj,
+                attn.q_norm.weight if qk_norm else None, attn.k_norm.weight if qk_norm else None,
                 AttentionParams(float(attn.scaling), spec.sliding_window), spec.layer_idx, num_heads,
-                spec.num_kv_heads, head_dim, getattr(mlp, GATE_UP).out_features // 2))
-        self.qk_norm_eps = inner.layers[0].self_attn.q_norm.variance_epsilon if FAMILIES[family] else None
+                spec.num_kv_heads, head_dim, getattr(mlp, gate_up_name).out_features // 2))
+        self.qk_norm_eps = inner.layers[0].self_attn.q_norm.variance_epsilon if qk_norm else None
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:

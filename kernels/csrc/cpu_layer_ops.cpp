@@ -107,18 +107,19 @@ void add_rms_norm_kernel(T* x, const T* delta, const T* weight, T* out, int64_t 
   });
 }
 
+// The first `width` features of each head rotated (all of them unless a partial rotary factor).
 template <typename T>
 void rope_kernel(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t heads, int64_t row_stride,
-                 int64_t head_dim) {
-  const int64_t half = head_dim / 2;
+                 int64_t head_dim, int64_t width) {
+  const int64_t half = width / 2;
   at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> c(head_dim), s(head_dim), v(head_dim), first(half), second(half), t1(half), t2(half);
+    std::vector<float> c(width), s(width), v(width), first(half), second(half), t1(half), t2(half);
     for (int64_t t = begin; t < end; ++t) {
-      load(cos + t * head_dim, c.data(), head_dim);
-      load(sin + t * head_dim, s.data(), head_dim);
+      load(cos + t * width, c.data(), width);
+      load(sin + t * width, s.data(), width);
       for (int64_t h = 0; h < heads; ++h) {
         T* row = qkv + t * row_stride + h * head_dim;
-        load(row, v.data(), head_dim);
+        load(row, v.data(), width);
         // x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); each product rounded.
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
@@ -136,7 +137,7 @@ void rope_kernel(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t hea
           v[i] = first[i] + t1[i];
           v[i + half] = second[i] + t2[i];
         }
-        store(v.data(), row, head_dim);
+        store(v.data(), row, width);
       }
     }
   });
@@ -196,17 +197,19 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, 
 }
 
 // The first `heads` heads of each row of qkv [tokens, >= heads, head_dim] (rows may be strided,
-// heads contiguous) rotated in place by cos, sin [tokens, head_dim].
+// heads contiguous) rotated in place by cos, sin [tokens, width]: the first `width` features of
+// each head (width < head_dim for a partial rotary factor; the rest is left as it is).
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.stride(2) == 1 && qkv.stride(1) == qkv.size(2), "rope_: qkv layout");
-  TORCH_CHECK(heads <= qkv.size(1) && qkv.size(2) % 2 == 0, "rope_: heads");
+  TORCH_CHECK(heads <= qkv.size(1), "rope_: heads");
   auto c = cos.contiguous(), s = sin.contiguous();
-  TORCH_CHECK(c.dim() == 2 && c.size(0) == qkv.size(0) && c.size(1) == qkv.size(2) && c.sizes() == s.sizes(),
-              "rope_: cos and sin must be [tokens, head_dim]");
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == qkv.size(0) && c.size(1) <= qkv.size(2) && c.size(1) % 2 == 0 &&
+                  c.sizes() == s.sizes(),
+              "rope_: cos and sin must be [tokens, width] with an even width <= head_dim");
   TORCH_CHECK(c.scalar_type() == qkv.scalar_type() && s.scalar_type() == qkv.scalar_type(), "rope_: dtypes differ");
   LMI_DISPATCH(qkv.scalar_type(), "rope_",
                rope_kernel<scalar>(qkv.data_ptr<scalar>(), c.data_ptr<scalar>(), s.data_ptr<scalar>(), qkv.size(0),
-                                   heads, qkv.stride(0), qkv.size(2)));
+                                   heads, qkv.stride(0), qkv.size(2), c.size(1)));
 }
 
 // gate_up [rows, 2 * width] (gate then up) -> silu(gate) * up [rows, width].

@@ -86,3 +86,19 @@ def test_quantized_models_use_the_lean_forward_on_fused_layers(tmp_path, scheme)
     assert runner.lean is not None
     names = {type(module).__name__ for module in runner.model.model.layers[0].self_attn.children()}
     assert "FusedSlice" in names and ("Int8WeightOnlyLinear" in names or "Int4WeightOnlyLinear" in names)
+
+
+def test_partial_rotary_phi3_is_served_exactly_by_the_lean_forward(tmp_path):
+    # Phi-3 with a partial rotary factor: only the first half of each head is rotated.
+    from tests.batching.engine_helpers import make_engine
+    from tests.batching.test_correctness import assert_matches_generate, random_prompts, run_staggered
+
+    folder = build_model(tmp_path / "phi3", "phi3", partial_rotary_factor=0.5)
+    engine = make_engine(folder, "paged", max_rolling_batch_size=4, max_rolling_batch_prefill_tokens=16,
+                         max_model_len=128, max_kv_cache_tokens=512, block_size=4)
+    assert engine.runner.lean is not None
+    assert engine.runner.model.model.rotary_emb.inv_freq.numel() * 2 < engine.runner.layout.layers[0].head_dim
+    prompts = random_prompts(engine.tokenizer, 4, seed=21, min_words=5, max_words=15)
+    max_new = [12, 20, 7, 16]
+    outputs = run_staggered(engine, prompts, max_new, arrivals=[0, 0, 2, 5])
+    assert_matches_generate(folder, prompts, max_new, outputs)

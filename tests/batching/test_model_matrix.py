@@ -43,7 +43,7 @@ REFUSED = {
 }
 STRATEGIES = ["dynamic", "rolling", "paged"]
 # Served by the engine's own forward (batching.lean_forward); the others by transformers' forward.
-LEAN = {"llama", "mistral", "qwen2", "qwen2-sliding", "qwen3"}
+LEAN = {"llama", "mistral", "qwen2", "qwen2-sliding", "qwen3", "phi3"}
 
 
 @pytest.fixture(scope="module", params=list(MATRIX))

@@ -194,3 +194,20 @@ def test_own_forward_with_and_without_compiled_steps_agree(tmp_path):
     runner.lean.native = WithoutRotation()
     with pytest.raises(UnsupportedModelError):
         verify(runner)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_a_partial_rotary_width_leaves_the_rest_of_each_head(dtype):
+    from batching.lean_forward import rotate
+
+    generator = torch.Generator().manual_seed(10)
+    qkv = torch.randn(3, 4, 16, generator=generator).to(dtype)
+    angles = torch.randn(3, 4, generator=generator)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)  # width 8 of 16
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    expected = qkv.clone()
+    expected[:, :3] = rotate(qkv[:, :3], cos[:, None], sin[:, None])
+    native.rope_(qkv, cos, sin, 3)
+    torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, :3, 8:], expected[:, :3, 8:])
