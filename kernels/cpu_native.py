@@ -19,7 +19,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_layer_ops.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("cpu_attention.cpp", "cpu_layer_ops.cpp")]
+HEADERS = [CSRC / "cpu_common.h"]
 ENV = "LMI_CPU_KERNELS"
 
 _lock = threading.Lock()
@@ -31,6 +33,10 @@ def _cpu_tag() -> str:
     from batching.runner import read_cpu_flags
 
     return hashlib.sha256(" ".join(sorted(read_cpu_flags())).encode()).hexdigest()[:12]
+
+
+def _headers_tag() -> str:
+    return hashlib.sha256(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:8]
 
 
 def load():
@@ -52,7 +58,8 @@ def load():
 
                 # NOTE: built for this CPU (-march=native), so the name carries its features: a
                 # cache shared with a CPU that lacks some (AVX-512 vs AVX2 only) builds its own.
-                _module = build(f"lmi_cpu_kernels_{_cpu_tag()}", [str(path) for path in SOURCES],
+                # It carries the headers' contents too: torch rebuilds on changes of the sources only.
+                _module = build(f"lmi_cpu_kernels_{_cpu_tag()}_{_headers_tag()}", [str(path) for path in SOURCES],
                                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-strict-aliasing"], verbose=False)
                 logger.info("native CPU kernels ready (%.1f s)", time.perf_counter() - started)
             except Exception as error:  # NOTE: no compiler, headers or toolchain: the torch path serves

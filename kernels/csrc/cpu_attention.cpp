@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,43 +25,10 @@
 
 namespace {
 
-// Rows of cache elements to fp32, in loops the compiler vectorizes (bf16 is the upper half of an
-// fp32: a widening shift; the kernel is built with -fno-strict-aliasing for the reinterpretation).
-inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(in[i]) << 16;
-}
-inline void to_float(const c10::Half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
+using lmi::exp_nonpositive;
+using lmi::load;
 
 constexpr int64_t TILE = 16;  // cache slots converted to fp32 at a time
-
-// exp(x) for x <= 0 (softmax arguments after subtracting the maximum), written so the compiler
-// vectorizes it: Cody-Waite reduction by ln 2 (round to nearest), the Cephes degree-5
-// polynomial (relative error about 1e-7), 2^n through the exponent bits; x < -87 gives 0.
-inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.f ? -87.f : x;
-  const float t = clamped * 1.44269504088896341f;
-  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += static_cast<int32_t>(n) * (1 << 23);
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return x < -87.f ? 0.f : out;
-}
 
 // One sequence: its query heads [num_kv_heads * group][D] in fp32 against the keys at `slots`
 // (n of them; a slot holds every KV head's row) -> out rows [num_heads][D]. Each slot is read
@@ -75,7 +44,7 @@ void attend_sequence(const float* __restrict__ q, int64_t num_kv_heads, int64_t 
   // in L1), then every head's dot products against them.
   for (int64_t i0 = 0; i0 < n; i0 += TILE) {
     const int64_t count = std::min<int64_t>(TILE, n - i0);
-    for (int64_t t = 0; t < count; ++t) to_float(k_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
+    for (int64_t t = 0; t < count; ++t) load(k_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
     for (int64_t h = 0; h < heads; ++h) {
       const float* __restrict__ qh = q + h * dim;
       const float* __restrict__ keys = tile + (h / group) * dim;
@@ -108,7 +77,7 @@ void attend_sequence(const float* __restrict__ q, int64_t num_kv_heads, int64_t 
   std::fill(acc, acc + heads * dim, 0.f);
   for (int64_t i0 = 0; i0 < n; i0 += TILE) {
     const int64_t count = std::min<int64_t>(TILE, n - i0);
-    for (int64_t t = 0; t < count; ++t) to_float(v_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
+    for (int64_t t = 0; t < count; ++t) load(v_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
     for (int64_t h = 0; h < heads; ++h) {
       const float* __restrict__ values = tile + (h / group) * dim;
       const float* __restrict__ ph = scores + h * n + i0;
@@ -161,7 +130,7 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
       }
       scores.resize(num_heads * n);
       for (int64_t h = 0; h < num_heads; ++h)
-        to_float(q_ptr + b * q_stride_b + h * q_stride_h, q.data() + h * head_dim, head_dim);
+        load(q_ptr + b * q_stride_b + h * q_stride_h, q.data() + h * head_dim, head_dim);
       attend_sequence<T, D>(q.data(), num_kv_heads, group, head_dim, k_ptr, v_ptr, slots.data(), n, fscale, fcap,
                             sink_ptr, scores.data(), tile.data(), acc.data(), out_ptr + b * num_heads * head_dim);
     }

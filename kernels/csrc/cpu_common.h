@@ -1,0 +1,79 @@
+// Helpers shared by the project's CPU kernels (kernels/csrc/*.cpp): conversions between the
+// cache/activation dtypes and fp32 buffers, and a vectorizable exp. Written as plain loops the
+// compiler vectorizes at -O3 -march=native (bf16 is the upper half of an fp32: a widening shift;
+// the kernels are built with -fno-strict-aliasing for the reinterpretations).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace lmi {
+
+inline void load(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void load(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(in[i]) << 16;
+}
+inline void load(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline uint32_t bf16_bits(float value) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
+}
+
+// What storing fp32 intermediates in T does to them (round to nearest even), in place.
+template <typename T>
+inline void round_to(float* values, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t* bits = reinterpret_cast<uint32_t*>(values);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) bits[i] = bf16_bits(values[i]) << 16;
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    for (int64_t i = 0; i < n; ++i) values[i] = static_cast<float>(static_cast<c10::Half>(values[i]));
+  }
+}
+
+inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint16_t>(bf16_bits(src[i]));
+}
+inline void store(const float* src, c10::Half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+// exp(x) for x <= 0 (softmax arguments after subtracting the maximum, sigmoid of -|x|):
+// Cody-Waite reduction by ln 2 (round to nearest), the Cephes degree-5 polynomial (relative
+// error about 1e-7), 2^n through the exponent bits; x < -87 gives 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.f ? -87.f : x;
+  const float t = clamped * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return x < -87.f ? 0.f : out;
+}
+
+}  // namespace lmi
