@@ -248,6 +248,10 @@ class LeanForward:
         if len(eps) != 1:
             raise ValueError(f"the norms use different epsilons {sorted(eps)}")
         self.eps = eps.pop()
+        dtype = self.embed.weight.dtype
+        norms = [inner.norm] + [norm for layer in inner.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if any(norm.weight.dtype != dtype for norm in norms):
+            raise ValueError(f"norm weights are not all in the model's dtype {dtype}")
         self.layers: list[_Layer] = []
         qkv_name, gate_up_name, _ = FAMILIES[family].names
         qk_norm = FAMILIES[family].qk_norm

@@ -148,7 +148,7 @@ class ModelRunner:
                 logger.info("transformers' forward serves this model (%s)", error)
         try:
             model_check.verify(self)
-        except model_check.UnsupportedModelError as error:
+        except Exception as error:  # NOTE: whatever fails in the own forward, transformers' is tried
             if self.lean is None:
                 raise
             # Never served wrong: the model's own forward is checked the same way next.

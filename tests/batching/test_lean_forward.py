@@ -102,3 +102,24 @@ def test_partial_rotary_phi3_is_served_exactly_by_the_lean_forward(tmp_path):
     max_new = [12, 20, 7, 16]
     outputs = run_staggered(engine, prompts, max_new, arrivals=[0, 0, 2, 5])
     assert_matches_generate(folder, prompts, max_new, outputs)
+
+
+def test_an_own_forward_that_fails_on_a_model_leaves_it_to_transformers(qwen2_folder, monkeypatch, caplog):
+    # Whatever breaks in the own forward (here: an error in its first step) must not stop the load.
+    def broken(self, *args):
+        raise RuntimeError("a kernel refused its input")
+
+    monkeypatch.setattr(lean_forward.LeanForward, "__call__", broken)
+    with caplog.at_level(logging.WARNING, logger="batching.runner"):
+        runner = ModelRunner(str(qwen2_folder), dtype="fp32", device="cpu")
+    assert runner.lean is None and "a kernel refused its input" in caplog.text
+
+
+def test_norms_outside_the_models_dtype_keep_transformers_forward(qwen2_folder):
+    model = _load(qwen2_folder)
+    family = lean_forward.fuse_projections(model)
+    model.model.layers[1].post_attention_layernorm.weight.data = model.model.layers[1].post_attention_layernorm.weight.data.double()
+    specs = [type("Spec", (), dict(layer_idx=i, num_kv_heads=2, head_dim=16, sliding_window=None, softcap=None,
+                                   has_sinks=False))() for i in range(2)]
+    with pytest.raises(ValueError, match="dtype"):
+        lean_forward.LeanForward(model, family, specs)
