@@ -16,8 +16,10 @@ from tests.server import start_server
 
 
 def _ranks_of(server_pid: int) -> set[int]:
-    """Rank processes started by this server's workers (other servers may run on the machine)."""
-    listing = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    """Rank processes started by this server's workers (other servers may run on the machine).
+    NOTE: ``-ww``: without it ps cuts command lines at 80 columns when its output is not a
+    terminal, and a long checkout path pushes the module name out of them."""
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     rows = [line.split(None, 2) for line in listing.splitlines()]
     workers = {int(pid) for pid, ppid, *_ in rows if int(ppid) == server_pid}
     return {int(pid) for pid, ppid, *args in rows
