@@ -207,7 +207,6 @@ class _Layer:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate: int
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -229,6 +228,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+class TorchSteps:
+    """The elementwise steps of a layer in torch's operators, with the signatures of the compiled
+    ones (kernels/csrc/cpu_layer_ops.cpp), which they stand in for where those do not build."""
+
+    @staticmethod
+    def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if delta is not None:
+            x.add_(delta)  # the residual stream, rounded once as in ``residual + hidden_states``
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+        qkv[:, :heads] = rotate(qkv[:, :heads], cos[:, None], sin[:, None])
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        half = gate_up.shape[-1] // 2
+        return F.silu(gate_up[:, :half]) * gate_up[:, half:]
+
+
 class LeanForward:
     """The lean forward of one fused model (``fuse_projections``), bound to the attention
     parameters the discovery forward saw in each layer (``batching.model_check.discover_layers``)."""
@@ -243,13 +262,12 @@ class LeanForward:
         self.rotary = inner.rotary_emb
         self.final_norm = inner.norm
         self.lm_head = model.lm_head
-        eps = {inner.norm.variance_epsilon} | {norm.variance_epsilon for layer in inner.layers
-                                               for norm in (layer.input_layernorm, layer.post_attention_layernorm)}
+        norms = [inner.norm] + [norm for layer in inner.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        eps = {norm.variance_epsilon for norm in norms}
         if len(eps) != 1:
             raise ValueError(f"the norms use different epsilons {sorted(eps)}")
         self.eps = eps.pop()
         dtype = self.embed.weight.dtype
-        norms = [inner.norm] + [norm for layer in inner.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         if any(norm.weight.dtype != dtype for norm in norms):
             raise ValueError(f"norm weights are not all in the model's dtype {dtype}")
         self.layers: list[_Layer] = []
@@ -267,59 +285,36 @@ class LeanForward:
                 attn.o_proj, getattr(mlp, gate_up_name), mlp.down_proj,
                 attn.q_norm.weight if qk_norm else None, attn.k_norm.weight if qk_norm else None,
                 AttentionParams(float(attn.scaling), spec.sliding_window), spec.layer_idx, num_heads,
-                spec.num_kv_heads, head_dim, getattr(mlp, gate_up_name).out_features // 2))
+                spec.num_kv_heads, head_dim))
         self.qk_norm_eps = inner.layers[0].self_attn.q_norm.variance_epsilon if qk_norm else None
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, position_ids [1, T] -> logits [len(logits_indices), vocab] in the model's dtype."""
-        x = self.embed.forward(input_ids)  # [1, T, hidden]
-        cos, sin = self.rotary(x, position_ids)
-        if self.native is not None:
-            return self._native_layers(x[0], cos[0], sin[0], logits_indices, meta)
-        x = x[0]
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
-        num_tokens, eps = x.shape[0], self.eps
-        for layer in self.layers:
-            heads, kv_heads = layer.num_heads, layer.num_kv_heads
-            h = rms_norm(x, layer.input_norm, eps)
-            qkv = layer.qkv.forward(h).view(num_tokens, heads + 2 * kv_heads, layer.head_dim)
-            v = qkv[:, heads + kv_heads:]
-            if layer.q_norm is None:
-                qk = rotate(qkv[:, :heads + kv_heads], cos, sin)
-                q, k = qk[:, :heads], qk[:, heads:]
-            else:
-                q = rotate(rms_norm(qkv[:, :heads], layer.q_norm, self.qk_norm_eps), cos, sin)
-                k = rotate(rms_norm(qkv[:, heads:heads + kv_heads], layer.k_norm, self.qk_norm_eps), cos, sin)
-            out = attention.attend(meta, layer.layer_idx, q, k, v, layer.params)
-            x = x + layer.o_proj.forward(out.reshape(num_tokens, heads * layer.head_dim))
-            gate_up = layer.gate_up.forward(rms_norm(x, layer.post_norm, eps))
-            x = x + layer.down.forward(F.silu(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:])
-        # The final norm is per row: only the rows that sample need it.
-        return self.lm_head(rms_norm(x[logits_indices], self.final_norm.weight, eps))
-
-    def _native_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logits_indices: torch.Tensor,
-                       meta: AttentionMetadata) -> torch.Tensor:
-        """The layers with the compiled elementwise steps; ``x`` [T, hidden] (a fresh embedding
-        output: the residual stream is updated in place), cos/sin [T, head_dim]."""
-        native, eps, num_tokens = self.native, self.eps, x.shape[0]
-        h = native.add_rms_norm(x, None, self.layers[0].input_norm, eps)
+        embedded = self.embed.forward(input_ids)  # [1, T, hidden]
+        cos, sin = self.rotary(embedded, position_ids)
+        cos, sin = cos[0], sin[0]  # [T, rotary width]
+        # The residual stream: a fresh tensor, updated in place by the steps' residual adds.
+        x = embedded[0]
+        steps, eps, num_tokens = self.native or TorchSteps, self.eps, x.shape[0]
+        h = steps.add_rms_norm(x, None, self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
             heads, kv_heads = layer.num_heads, layer.num_kv_heads
             qkv = layer.qkv.forward(h).view(num_tokens, heads + 2 * kv_heads, layer.head_dim)
             if layer.q_norm is None:
-                native.rope_(qkv, cos, sin, heads + kv_heads)
+                steps.rope_(qkv, cos, sin, heads + kv_heads)
                 q, k = qkv[:, :heads], qkv[:, heads:heads + kv_heads]
             else:
                 q = rotate(rms_norm(qkv[:, :heads], layer.q_norm, self.qk_norm_eps), cos[:, None], sin[:, None])
                 k = rotate(rms_norm(qkv[:, heads:heads + kv_heads], layer.k_norm, self.qk_norm_eps),
                            cos[:, None], sin[:, None])
             out = attention.attend(meta, layer.layer_idx, q, k, qkv[:, heads + kv_heads:], layer.params)
-            h = native.add_rms_norm(x, layer.o_proj.forward(out.reshape(num_tokens, heads * layer.head_dim)),
-                                    layer.post_norm, eps)
-            mlp = layer.down.forward(native.silu_mul(layer.gate_up.forward(h)))
+            h = steps.add_rms_norm(x, layer.o_proj.forward(out.reshape(num_tokens, heads * layer.head_dim)),
+                                   layer.post_norm, eps)
+            mlp = layer.down.forward(steps.silu_mul(layer.gate_up.forward(h)))
             if i + 1 < len(self.layers):
-                h = native.add_rms_norm(x, mlp, self.layers[i + 1].input_norm, eps)
+                h = steps.add_rms_norm(x, mlp, self.layers[i + 1].input_norm, eps)
             else:
                 x.add_(mlp)
-        return self.lm_head(native.add_rms_norm(x[logits_indices], None, self.final_norm.weight, eps))
+        # The final norm is per row: only the rows that sample need it.
+        return self.lm_head(steps.add_rms_norm(x[logits_indices], None, self.final_norm.weight, eps))
