@@ -16,6 +16,13 @@ CPUs with AVX512-FP16 or AVX-NE-CONVERT, where oneDNN takes it). A layer the reo
 keeps torch's ``linear``. Memory: each packed weight replaces its linear layer's, except a LM head
 tied to the input embedding, which gets its own packed copy (the table stays for the lookups):
 the embedding table's size more (56 MB in bf16 for the default model).
+
+bf16 layers on CPUs with AVX512-BF16 use the project's own kernel instead
+(``kernels/csrc/cpu_linear.cpp``, :class:`NativeBf16Linear`) where it is built: a layout that
+streams each weight once and overlaps the next weights' loads with the current products, faster
+than oneDNN's at every batch a decode step has (``python -m benchmarks.linear_probe``; figures in
+docs/benchmarks.md). Its results may differ from ``linear``'s in the last bit (fp32 summation
+order); each row is still computed on its own. ``LMI_CPU_KERNELS=torch`` keeps oneDNN.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ def available() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def agrees_with_linear(layer: "PackedLinear", linear: nn.Linear) -> bool:
+def agrees_with_linear(layer: nn.Module, linear: nn.Linear) -> bool:
     """The packed layer's product against torch's ``linear`` on a random input (relative
     tolerance of the dtype): checked once per dtype before a model is packed, so a kernel that
     computes something else on some CPU is never served."""
@@ -63,35 +70,78 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class NativeBf16Linear(nn.Module):
+    """``nn.Linear`` in bf16 on the project's AVX512-BF16 kernel, its weight packed once into the
+    kernel's tile layout (no ``weight`` attribute, as for :class:`PackedLinear`)."""
+
+    def __init__(self, linear: nn.Linear, native):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.native = native
+        self.register_buffer("packed", native.bf16_linear_pack(linear.weight.detach()))
+        self.bias = linear.bias
+        self.register_buffer("bias_fp32", None if linear.bias is None else linear.bias.detach().float().contiguous(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:  # NOTE: the kernel takes bf16 only; models hand it their dtype
+            raise TypeError(f"NativeBf16Linear got a {x.dtype} input; its weight is bf16")
+        return self.native.bf16_linear(x, self.packed, self.out_features, self.bias_fp32)
+
+
+def native_bf16_kernel():
+    """The compiled kernels' module when they carry the AVX512-BF16 linear layers, else None."""
+    from kernels import cpu_native
+
+    native = cpu_native.load()
+    return native if native is not None and native.bf16_linear_available() else None
+
+
 def pack_model(model: nn.Module) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` in place; returns how many were packed."""
     if not available():
         logger.info("oneDNN is not available in this torch build: linear layers use torch's linear")
         return 0
+    native = native_bf16_kernel() if any(
+        type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 for module in model.modules()) else None
     packed = refused = 0
-    checked: dict[torch.dtype, bool] = {}  # dtype -> the packed product agrees with linear's
+    kinds: dict[str, int] = {}
+    checked: dict[tuple[type, torch.dtype], bool] = {}  # (kind, dtype) -> its product agrees with linear's
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear or checked.get(child.weight.dtype) is False:
-                    refused += type(child) is nn.Linear
+                if type(child) is not nn.Linear:
                     continue
-                try:
-                    layer = PackedLinear(child)
-                except RuntimeError as error:  # e.g. fp16 on a CPU without AVX512-FP16
+                dtype = child.weight.dtype
+                layer = None
+                if (native is not None and dtype == torch.bfloat16 and child.in_features % 2 == 0
+                        and checked.get((NativeBf16Linear, dtype)) is not False):
+                    layer = NativeBf16Linear(child, native)
+                    if (NativeBf16Linear, dtype) not in checked:
+                        checked[NativeBf16Linear, dtype] = agrees_with_linear(layer, child)
+                        if not checked[NativeBf16Linear, dtype]:
+                            logger.warning("the native bf16 linear kernel disagrees with torch's linear on this CPU; "
+                                           "oneDNN serves those layers")
+                            layer = None
+                if layer is None and checked.get((PackedLinear, dtype)) is not False:
+                    try:
+                        layer = PackedLinear(child)
+                    except RuntimeError as error:  # e.g. fp16 on a CPU without AVX512-FP16
+                        if not refused:
+                            logger.info("oneDNN does not prepack %s weights here (%s); those layers use torch's linear",
+                                        dtype, str(error).splitlines()[0])
+                    if layer is not None and (PackedLinear, dtype) not in checked:
+                        checked[PackedLinear, dtype] = agrees_with_linear(layer, child)
+                        if not checked[PackedLinear, dtype]:
+                            logger.warning("oneDNN's prepacked %s product disagrees with torch's linear on this CPU; "
+                                           "those layers use torch's linear", dtype)
+                            layer = None
+                if layer is None:
                     refused += 1
-                    if refused == 1:
-                        logger.info("oneDNN does not prepack %s weights here (%s); those layers use torch's linear",
-                                    child.weight.dtype, str(error).splitlines()[0])
                     continue
-                if child.weight.dtype not in checked:
-                    checked[child.weight.dtype] = agrees_with_linear(layer, child)
-                    if not checked[child.weight.dtype]:
-                        logger.warning("oneDNN's prepacked %s product disagrees with torch's linear on this CPU; "
-                                       "those layers use torch's linear", child.weight.dtype)
-                        refused += 1
-                        continue
                 setattr(parent, name, layer)
                 packed += 1
-    logger.info("prepacked %d linear layers for oneDNN (%d left to torch's linear)", packed, refused)
+                kinds[type(layer).__name__] = kinds.get(type(layer).__name__, 0) + 1
+    logger.info("prepacked %d linear layers (%s; %d left to torch's linear)", packed,
+                ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "none", refused)
     return packed

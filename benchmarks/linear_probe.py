@@ -5,7 +5,7 @@
 Multiplies ``--rows`` activation rows by 60 distinct 576x1536 weight matrices (the default
 model's MLP shape; 106 MB in bf16, more than any cache), each in turn, as a decode step reads a
 model's layers. Prints ms per pass and the bf16-equivalent GB/s for bf16 and fp32 ``linear``, the same on
-oneDNN-prepacked weights (``batching.packed_linear``), torch's int8 and int4 weight-only kernels
+oneDNN-prepacked weights (``batching.packed_linear``), the project's AVX512-BF16 kernel (where built), torch's int8 and int4 weight-only kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) and fbgemm's dynamic int8 linear.
 """
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             dynamic.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear},
                                                                   dtype=torch.qint8))
     xf = x.float()
-    from batching.packed_linear import PackedLinear
+    from batching.packed_linear import NativeBf16Linear, PackedLinear, native_bf16_kernel
     from batching.quantize import Int4WeightOnlyLinear
 
     def layers(kind, tensors):
@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> None:
 
     packed_bf16, packed_fp32 = layers(PackedLinear, weights), layers(PackedLinear, fp32)
     int4 = layers(Int4WeightOnlyLinear, weights)
+    kernel = native_bf16_kernel()
+    native = layers(lambda linear: NativeBf16Linear(linear, kernel), weights) if kernel is not None else []
     cases = {
         "bf16 linear": lambda: [torch.nn.functional.linear(x, w) for w in weights],
         "bf16 prepacked (batching.packed_linear)": lambda: [layer(x) for layer in packed_bf16],
+        **({"bf16 native kernel (kernels/csrc/cpu_linear.cpp)": lambda: [layer(x) for layer in native]}
+           if native else {}),
         "fp32 linear": lambda: [torch.nn.functional.linear(xf, w) for w in fp32],
         "fp32 prepacked": lambda: [layer(xf) for layer in packed_fp32],
         "int4 weight-only (_weight_int4pack_mm_for_cpu, groups of 32)": lambda: [layer(x) for layer in int4],

@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("cpu_attention.cpp", "cpu_layer_ops.cpp")]
+SOURCES = [CSRC / name for name in ("cpu_attention.cpp", "cpu_layer_ops.cpp", "cpu_linear.cpp")]
 HEADERS = [CSRC / "cpu_common.h"]
 ENV = "LMI_CPU_KERNELS"
 

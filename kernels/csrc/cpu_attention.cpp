@@ -197,10 +197,18 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+// kernels/csrc/cpu_linear.cpp
+bool bf16_linear_available();
+torch::Tensor bf16_linear_pack(const torch::Tensor& weight);
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
+                          const c10::optional<torch::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention over the block-table KV cache (CPU)");
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place, optional), then RMSNorm(x) * weight");
   m.def("rope_", &rope_, "rotary embedding of the first heads of q/k/v rows, in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
+  m.def("bf16_linear_available", &bf16_linear_available, "whether this build has the AVX512-BF16 linear layers");
+  m.def("bf16_linear_pack", &bf16_linear_pack, "a bf16 [out, in] weight in bf16_linear's packed layout");
+  m.def("bf16_linear", &bf16_linear, "x W^T + b on a packed bf16 weight (fp32 accumulation)");
 }

@@ -74,3 +74,81 @@ def test_a_kernel_that_disagrees_with_linear_is_never_used(monkeypatch):
     assert all(type(layer) is nn.Linear for layer in model)
     monkeypatch.setattr(packed_linear.PackedLinear, "forward", real_forward)
     assert packed_linear.pack_model(model) == 2
+
+
+def _native_bf16():
+    return packed_linear.native_bf16_kernel()
+
+
+needs_native_bf16 = pytest.mark.skipif(
+    _native_bf16() is None, reason="no AVX512-BF16 (or no compiler) here: oneDNN serves bf16 layers")
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("out_features", [40, 48, 100, 144])  # part of a tile, one tile, a ragged last tile
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_bf16_layer_computes_the_linear_product(out_features, bias):
+    torch.manual_seed(2)
+    linear = nn.Linear(72, out_features, bias=bias).to(torch.bfloat16)
+    layer = packed_linear.NativeBf16Linear(linear, _native_bf16())
+    for shape in [(1, 72), (5, 72), (2, 3, 72), (8, 72), (9, 72), (17, 72), (33, 72), (0, 72)]:
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        expected = nn.functional.linear(x.float(), linear.weight.float(),
+                                        None if linear.bias is None else linear.bias.float())
+        got = layer(x)
+        assert got.shape == (*shape[:-1], out_features) and got.dtype == torch.bfloat16
+        # one bf16 rounding of an fp32 sum: within 2**-8 of each output
+        assert torch.allclose(got.float(), expected, rtol=2 ** -8, atol=1e-3)
+    strided = torch.randn(6, 144, dtype=torch.bfloat16)[:, ::2]  # rows not contiguous in features
+    assert torch.allclose(layer(strided).float(), nn.functional.linear(
+        strided.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()),
+        rtol=2 ** -8, atol=1e-3)
+
+
+@needs_native_bf16
+def test_native_bf16_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(3)
+    layer = packed_linear.NativeBf16Linear(nn.Linear(96, 200).to(torch.bfloat16), _native_bf16())
+    rows = torch.randn(37, 96, dtype=torch.bfloat16)
+    together = layer(rows)
+    for i in (0, 7, 8, 9, 16, 36):
+        assert torch.equal(layer(rows[i:i + 1]), together[i:i + 1])
+    assert torch.equal(layer(rows[5:19]), together[5:19])
+
+
+@needs_native_bf16
+def test_native_bf16_layer_refuses_other_input_dtypes():
+    layer = packed_linear.NativeBf16Linear(nn.Linear(8, 4).to(torch.bfloat16), _native_bf16())
+    with pytest.raises(TypeError, match="float32 input"):
+        layer(torch.randn(2, 8))
+
+
+@needs_native_bf16
+def test_pack_model_puts_bf16_layers_on_the_native_kernel_and_checks_it(monkeypatch):
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 7), nn.Linear(7, 4)).to(torch.bfloat16)
+    assert packed_linear.pack_model(model) == 3
+    assert [type(layer) for layer in model] == [packed_linear.NativeBf16Linear, packed_linear.NativeBf16Linear,
+                                                 packed_linear.PackedLinear]  # odd input features: oneDNN
+
+    real_forward = packed_linear.NativeBf16Linear.forward
+    monkeypatch.setattr(packed_linear.NativeBf16Linear, "forward", lambda self, x: real_forward(self, x) * 1.5)
+    wrong = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)).to(torch.bfloat16)
+    assert packed_linear.pack_model(wrong) == 2
+    assert all(type(layer) is packed_linear.PackedLinear for layer in wrong)
+
+    fp32 = nn.Sequential(nn.Linear(16, 8))
+    assert packed_linear.pack_model(fp32) == 1 and type(fp32[0]) is packed_linear.PackedLinear
+
+
+def test_the_torch_kernels_setting_keeps_onednn_for_bf16(monkeypatch):
+    monkeypatch.setenv("LMI_CPU_KERNELS", "torch")
+    model = nn.Sequential(nn.Linear(16, 8)).to(torch.bfloat16)
+    assert packed_linear.pack_model(model) == 1 and type(model[0]) is packed_linear.PackedLinear
+
+
+@needs_native_bf16
+def test_the_cpu_runner_serves_bf16_on_the_native_kernel(tiny_llama):
+    runner = ModelRunner(str(tiny_llama), dtype="bf16", device="cpu")
+    kinds = {type(module) for module in runner.model.modules()
+             if isinstance(module, (nn.Linear, packed_linear.PackedLinear, packed_linear.NativeBf16Linear))}
+    assert kinds == {packed_linear.NativeBf16Linear}
