@@ -8,6 +8,13 @@
 // cast to the query's dtype. Semantics are those of kernels/reference.py: a window W lets the
 // query at position p see keys p - W < k <= p; softcapping applies to the scaled scores.
 //
+// bf16 caches with head sizes 64 and 128 on CPUs with AVX512-BF16 take explicit vector code
+// (the generic loops spend most of their time in per-key horizontal sums and in accumulators the
+// compiler keeps in memory): scores of 16 keys at a time with vdpbf16ps (each bf16 product is
+// exact in fp32, summed in fp32; bf16 subnormals count as zero), reduced together into one vector;
+// value sums in fp32 with every query head of a KV head in registers; the next keys and values
+// prefetched from their blocks.
+//
 // Built at run time by kernels/cpu_native.py (torch.utils.cpp_extension); the torch path
 // serves where no compiler is available.
 
@@ -30,31 +37,157 @@ using lmi::load;
 
 constexpr int64_t TILE = 16;  // cache slots converted to fp32 at a time
 
-// One sequence: its query heads [num_kv_heads * group][D] in fp32 against the keys at `slots`
-// (n of them; a slot holds every KV head's row) -> out rows [num_heads][D]. Each slot is read
-// once, all heads together. `D` is the head size when known at compile time (0: `head_dim`).
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define LMI_BF16_ATTENTION 1
+#include <immintrin.h>
+#endif
+
 template <typename T, int D>
-void attend_sequence(const float* __restrict__ q, int64_t num_kv_heads, int64_t group, int64_t head_dim,
-                     const T* k_ptr, const T* v_ptr, const int64_t* __restrict__ slots, int64_t n, float scale,
-                     float cap, const float* sinks, float* __restrict__ scores, float* __restrict__ tile,
-                     float* __restrict__ acc, T* out) {
+constexpr bool kBf16Vectors =
+#ifdef LMI_BF16_ATTENTION
+    std::is_same_v<T, c10::BFloat16> && (D == 64 || D == 128);
+#else
+    false;
+#endif
+
+#ifdef LMI_BF16_ATTENTION
+
+// v[t] = the sum of a[t]'s 16 lanes, for 16 vectors.
+inline __m512 sum_lanes16(__m512 a[16]) {
+  __m512 s[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(s[2 * i]), y = _mm512_castps_pd(s[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of `heads` bf16 query rows q [heads][D] (those sharing one KV head) against `count` <= 16
+// bf16 keys at `keys[t]` -> scores[h * stride + t], scaled. Each key is loaded once for all heads.
+template <int D>
+inline void bf16_scores(const c10::BFloat16* q, int64_t heads, const c10::BFloat16* const* keys, int64_t count,
+                        float scale, float* scores, int64_t stride) {
+  constexpr int C = D / 32;
+  __m512i kv[16][C];
+  for (int64_t t = 0; t < 16; ++t)
+    for (int c = 0; c < C; ++c)
+      kv[t][c] = t < count ? _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(keys[t]) + 32 * c) : _mm512_setzero_si512();
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t h = 0; h < heads; ++h) {
+    __m512i qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(q + h * D) + 32 * c);
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)qv[c], (__m512bh)kv[t][c]);
+      acc[t] = a;
+    }
+    const __m512 v = _mm512_mul_ps(sum_lanes16(acc), vscale);
+    _mm512_mask_storeu_ps(scores + h * stride, count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1), v);
+  }
+}
+
+// acc[j][D] = sum over the n tokens of probs[j * p_stride + t] * value_t, for CH query heads
+// sharing the KV head whose rows start at `values` (+ slot * token_stride); fp32 throughout.
+template <int D, int CH>
+inline void bf16_values(const float* probs, int64_t p_stride, const c10::BFloat16* values, const int64_t* slots,
+                        int64_t n, int64_t token_stride, float* acc_out) {
+  constexpr int C = D / 16;
+  __m512 acc[CH][C];
+  for (int j = 0; j < CH; ++j)
+    for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(values);
+  for (int64_t t = 0; t < n; ++t) {
+    const uint16_t* v = base + slots[t] * token_stride;
+    if (t + 8 < n) {
+      const char* ahead = reinterpret_cast<const char*>(base + slots[t + 8] * token_stride);
+      for (int64_t line = 0; line < D * 2; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c)
+      vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * c))), 16));
+    for (int j = 0; j < CH; ++j) {
+      const __m512 p = _mm512_set1_ps(probs[j * p_stride + t]);
+      for (int c = 0; c < C; ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < CH; ++j)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc_out + j * D + 16 * c, acc[j][c]);
+}
+
+// The value sums of `heads` query heads sharing one KV head, up to 24 / (D / 16) heads per pass
+// (their accumulators fill the vector registers).
+template <int D>
+inline void bf16_values_group(const float* probs, int64_t p_stride, int64_t heads, const c10::BFloat16* values,
+                              const int64_t* slots, int64_t n, int64_t token_stride, float* acc_out) {
+  constexpr int64_t kMax = D == 64 ? 6 : 3;
+  for (int64_t h = 0; h < heads; h += kMax) {
+    const float* p = probs + h * p_stride;
+    float* out = acc_out + h * D;
+    switch (std::min(kMax, heads - h)) {
+      case 1: bf16_values<D, 1>(p, p_stride, values, slots, n, token_stride, out); break;
+      case 2: bf16_values<D, 2>(p, p_stride, values, slots, n, token_stride, out); break;
+      case 3: bf16_values<D, 3>(p, p_stride, values, slots, n, token_stride, out); break;
+      case 4: if constexpr (kMax >= 4) bf16_values<D, 4>(p, p_stride, values, slots, n, token_stride, out); break;
+      case 5: if constexpr (kMax >= 5) bf16_values<D, 5>(p, p_stride, values, slots, n, token_stride, out); break;
+      default: if constexpr (kMax >= 6) bf16_values<D, 6>(p, p_stride, values, slots, n, token_stride, out); break;
+    }
+  }
+}
+#endif
+
+// One sequence: its query heads [num_kv_heads * group][D] (in fp32 in `q`, in T in `q_rows`)
+// against the keys at `slots` (n of them; a slot holds every KV head's row) -> out rows
+// [num_heads][D]. Each slot is read once, all heads together. `D` is the head size when known at
+// compile time (0: `head_dim`).
+template <typename T, int D>
+void attend_sequence(const float* __restrict__ q, const T* q_rows, int64_t num_kv_heads, int64_t group,
+                     int64_t head_dim, const T* k_ptr, const T* v_ptr, const int64_t* __restrict__ slots, int64_t n,
+                     float scale, float cap, const float* sinks, float* __restrict__ scores,
+                     float* __restrict__ tile, float* __restrict__ acc, T* out) {
   const int64_t dim = D > 0 ? D : head_dim;
   const int64_t heads = num_kv_heads * group, token_stride = num_kv_heads * dim;
-  // Keys, TILE slots at a time: converted to fp32 once into `tile` [TILE][token_stride] (it stays
-  // in L1), then every head's dot products against them.
-  for (int64_t i0 = 0; i0 < n; i0 += TILE) {
-    const int64_t count = std::min<int64_t>(TILE, n - i0);
-    for (int64_t t = 0; t < count; ++t) load(k_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* __restrict__ qh = q + h * dim;
-      const float* __restrict__ keys = tile + (h / group) * dim;
-      float* __restrict__ sh = scores + h * n + i0;
-      for (int64_t t = 0; t < count; ++t) {
-        const float* __restrict__ key = keys + t * token_stride;
-        float dot = 0.f;
+  if constexpr (kBf16Vectors<T, D>) {
+#ifdef LMI_BF16_ATTENTION
+    for (int64_t i0 = 0; i0 < n; i0 += TILE) {
+      const int64_t count = std::min<int64_t>(TILE, n - i0);
+      for (int64_t g = 0; g < num_kv_heads; ++g) {
+        const T* keys[TILE];
+        for (int64_t t = 0; t < count; ++t) keys[t] = k_ptr + slots[i0 + t] * token_stride + g * dim;
+        for (int64_t t = i0 + TILE; t < std::min(n, i0 + 2 * TILE); ++t) {  // the next tile's keys
+          const char* ahead = reinterpret_cast<const char*>(k_ptr + slots[t] * token_stride + g * dim);
+          for (int64_t line = 0; line < D * 2; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
+        bf16_scores<D>(q_rows + g * group * dim, group, keys, count, scale, scores + g * group * n + i0, n);
+      }
+    }
+#endif
+  } else {
+    // Keys, TILE slots at a time: converted to fp32 once into `tile` [TILE][token_stride] (it
+    // stays in L1), then every head's dot products against them.
+    for (int64_t i0 = 0; i0 < n; i0 += TILE) {
+      const int64_t count = std::min<int64_t>(TILE, n - i0);
+      for (int64_t t = 0; t < count; ++t)
+        load(k_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* __restrict__ qh = q + h * dim;
+        const float* __restrict__ keys = tile + (h / group) * dim;
+        float* __restrict__ sh = scores + h * n + i0;
+        for (int64_t t = 0; t < count; ++t) {
+          const float* __restrict__ key = keys + t * token_stride;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
-        sh[t] = dot * scale;
+          for (int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
+          sh[t] = dot * scale;
+        }
       }
     }
   }
@@ -73,26 +206,35 @@ void attend_sequence(const float* __restrict__ q, int64_t num_kv_heads, int64_t 
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) sh[i] *= inverse;
   }
-  // Values, a tile at a time; each head's accumulator row stays in registers across the tile.
-  std::fill(acc, acc + heads * dim, 0.f);
-  for (int64_t i0 = 0; i0 < n; i0 += TILE) {
-    const int64_t count = std::min<int64_t>(TILE, n - i0);
-    for (int64_t t = 0; t < count; ++t) load(v_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* __restrict__ values = tile + (h / group) * dim;
-      const float* __restrict__ ph = scores + h * n + i0;
-      float row[D > 0 ? D : 1];
-      float* __restrict__ ah = D > 0 ? row : acc + h * dim;
-      if (D > 0)
-        for (int64_t d = 0; d < dim; ++d) ah[d] = acc[h * dim + d];
-      for (int64_t t = 0; t < count; ++t) {
-        const float p = ph[t];
-        const float* __restrict__ value = values + t * token_stride;
+  if constexpr (kBf16Vectors<T, D>) {
+#ifdef LMI_BF16_ATTENTION
+    for (int64_t g = 0; g < num_kv_heads; ++g)
+      bf16_values_group<D>(scores + g * group * n, n, group, v_ptr + g * dim, slots, n, token_stride,
+                           acc + g * group * dim);
+#endif
+  } else {
+    // Values, a tile at a time; each head's accumulator row stays in registers across the tile.
+    std::fill(acc, acc + heads * dim, 0.f);
+    for (int64_t i0 = 0; i0 < n; i0 += TILE) {
+      const int64_t count = std::min<int64_t>(TILE, n - i0);
+      for (int64_t t = 0; t < count; ++t)
+        load(v_ptr + slots[i0 + t] * token_stride, tile + t * token_stride, token_stride);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* __restrict__ values = tile + (h / group) * dim;
+        const float* __restrict__ ph = scores + h * n + i0;
+        float row[D > 0 ? D : 1];
+        float* __restrict__ ah = D > 0 ? row : acc + h * dim;
+        if (D > 0)
+          for (int64_t d = 0; d < dim; ++d) ah[d] = acc[h * dim + d];
+        for (int64_t t = 0; t < count; ++t) {
+          const float p = ph[t];
+          const float* __restrict__ value = values + t * token_stride;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) ah[d] += p * value[d];
+          for (int64_t d = 0; d < dim; ++d) ah[d] += p * value[d];
+        }
+        if (D > 0)
+          for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] = ah[d];
       }
-      if (D > 0)
-        for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] = ah[d];
     }
   }
   for (int64_t e = 0; e < heads * dim; ++e) out[e] = static_cast<T>(acc[e]);
@@ -118,6 +260,7 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(num_heads * head_dim), tile(TILE * num_kv_heads * head_dim), acc(num_heads * head_dim), scores;
     std::vector<int64_t> slots;
+    std::vector<T> q_rows(num_heads * head_dim);  // the query as given (the bf16 vector code's operand)
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
@@ -129,9 +272,11 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
         slots[i] = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
       }
       scores.resize(num_heads * n);
-      for (int64_t h = 0; h < num_heads; ++h)
+      for (int64_t h = 0; h < num_heads; ++h) {
         load(q_ptr + b * q_stride_b + h * q_stride_h, q.data() + h * head_dim, head_dim);
-      attend_sequence<T, D>(q.data(), num_kv_heads, group, head_dim, k_ptr, v_ptr, slots.data(), n, fscale, fcap,
+        std::memcpy(q_rows.data() + h * head_dim, q_ptr + b * q_stride_b + h * q_stride_h, head_dim * sizeof(T));
+      }
+      attend_sequence<T, D>(q.data(), q_rows.data(), num_kv_heads, group, head_dim, k_ptr, v_ptr, slots.data(), n, fscale, fcap,
                             sink_ptr, scores.data(), tile.data(), acc.data(), out_ptr + b * num_heads * head_dim);
     }
   });

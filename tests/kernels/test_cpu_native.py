@@ -52,8 +52,9 @@ def test_decode_equals_the_reference(dtype, head_dim, heads, block_size):
 @pytest.mark.parametrize("window", [None, 1, 7, 40])
 @pytest.mark.parametrize("softcap", [None, 0.5, 2.0])
 @pytest.mark.parametrize("with_sinks", [False, True])
-def test_windows_softcapping_and_sinks_equal_the_reference(dtype, window, softcap, with_sinks):
-    num_heads, num_kv_heads, head_dim = 6, 2, 32
+@pytest.mark.parametrize("head_dim", [32, 64])  # bf16 at 64: the AVX512-BF16 vector code where built
+def test_windows_softcapping_and_sinks_equal_the_reference(dtype, window, softcap, with_sinks, head_dim):
+    num_heads, num_kv_heads = 6, 2
     lengths = [3, 41, 7, 90]
     k_cache, v_cache, tables, lens = _cache_and_tables(lengths, 4, num_kv_heads, head_dim, dtype, seed=3)
     generator = torch.Generator().manual_seed(4)
@@ -67,15 +68,16 @@ def test_windows_softcapping_and_sinks_equal_the_reference(dtype, window, softca
 
 
 @needs_native
-def test_query_rows_may_be_strided_views():
+@pytest.mark.parametrize("dtype,head_dim,tolerance", [(torch.float32, 16, 1e-5), (torch.bfloat16, 64, 1e-2)])
+def test_query_rows_may_be_strided_views(dtype, head_dim, tolerance):
     # The lean forward hands the kernel q as a slice of the fused q/k/v product.
-    k_cache, v_cache, tables, lens = _cache_and_tables([20, 9], 4, 2, 16, torch.float32, seed=5)
-    packed = torch.randn(2, 6 + 2 + 2, 16)
+    k_cache, v_cache, tables, lens = _cache_and_tables([20, 9], 4, 2, head_dim, dtype, seed=5)
+    packed = torch.randn(2, 6 + 2 + 2, head_dim).to(dtype)
     query = packed[:, :6]
     assert not query.is_contiguous()
-    expected = reference.paged_decode_attention(query.contiguous(), k_cache, v_cache, tables, lens, 0.25)
-    torch.testing.assert_close(native.paged_decode(query, k_cache, v_cache, tables, lens, 0.25, 0, 0.0, None),
-                               expected, rtol=1e-5, atol=1e-5)
+    expected = reference.paged_decode_attention(query.float(), k_cache.float(), v_cache.float(), tables, lens, 0.25)
+    torch.testing.assert_close(native.paged_decode(query, k_cache, v_cache, tables, lens, 0.25, 0, 0.0, None).float(),
+                               expected, rtol=tolerance, atol=tolerance)
 
 
 @needs_native
