@@ -101,6 +101,10 @@ class TorchBackend:
 
     name = "torch"
 
+    def attends_whole_steps(self, k_cache: torch.Tensor) -> bool:
+        """Whether ``attend_step`` serves steps with prefills on this cache (one call for all tokens)."""
+        return False
+
     def write(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         # Whether the step has padding slots (-1) is decided once per step, not in every layer.
         padded = meta.prepared.get("padded_slots")
@@ -156,19 +160,47 @@ class TorchBackend:
 
 class NativeCpuBackend(TorchBackend):
     """CPU with the project's compiled kernels (kernels/cpu_native.py): decode attention reads the
-    block-table cache in place (no per-layer gather of padded contexts); writes and prefill are
-    the torch implementation's."""
+    block-table cache in place (no per-layer gather of padded contexts); writes are the torch
+    implementation's.
+
+    Prefill: on bf16 caches with head sizes 64 and 128 where the kernel has its AVX512-BF16 vector
+    code, the whole step (decodes and prefill chunks, cached context included) is one kernel call
+    per layer: each new token is a query row over its own sequence's blocks, its context ending at
+    its own position (the causal mask, windows, softcapping and sinks as in decode). That is 2-3x
+    faster than torch's CPU SDPA on prompts of 16 to 1024 tokens here (docs/benchmarks.md). Other
+    dtypes and head sizes keep torch's SDPA for prefill: the generic kernel reads every key once
+    per query row, slower than SDPA's tiles on long prompts."""
 
     name = "native-cpu"
 
     def __init__(self, module):
         self.module = module
+        self.vector_bf16 = bool(getattr(module, "bf16_vector_attention", lambda: False)())
 
     def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         n = meta.num_decodes
-        out = self.module.paged_decode(query.to(k_cache.dtype), k_cache, v_cache, meta.block_tables[:n],
-                                       meta.context_lens[:n], params.scale, params.sliding_window or 0,
-                                       params.softcap or 0.0, params.sinks)
+        return self._kernel(query, k_cache, v_cache, meta.block_tables[:n], meta.context_lens[:n], params)
+
+    def attends_whole_steps(self, k_cache: torch.Tensor) -> bool:
+        return self.vector_bf16 and k_cache.dtype == torch.bfloat16 and k_cache.shape[-1] in (64, 128)
+
+    def attend_step(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
+        """Every new token of the step [T, Hq, D] against its sequence's cache, in one call."""
+        rows = meta.prepared.get("token_rows")
+        if rows is None:
+            device = meta.block_tables.device
+            cu = torch.tensor(meta.cu_seqlens_q, device=device)
+            counts = cu[1:] - cu[:-1]
+            tables = torch.repeat_interleave(meta.block_tables, counts, dim=0)
+            # a token's context ends at its own position: context_len - (new tokens after it)
+            after = torch.repeat_interleave(cu[1:], counts) - 1 - torch.arange(int(cu[-1]), device=device)
+            lens = (torch.repeat_interleave(meta.context_lens.long(), counts) - after).to(torch.int32)
+            rows = meta.prepared["token_rows"] = (tables, lens)
+        return self._kernel(query, k_cache, v_cache, rows[0], rows[1], params)
+
+    def _kernel(self, query, k_cache, v_cache, tables, lens, params: AttentionParams) -> torch.Tensor:
+        out = self.module.paged_decode(query.to(k_cache.dtype), k_cache, v_cache, tables, lens, params.scale,
+                                       params.sliding_window or 0, params.softcap or 0.0, params.sinks)
         return out.to(query.dtype)
 
 
@@ -302,6 +334,8 @@ def attend(meta: AttentionMetadata, layer_idx: int, q: torch.Tensor, k: torch.Te
     meta.backend.write(k, v, k_cache, v_cache, meta)
     if meta.num_decodes == len(meta.cu_seqlens_q) - 1:  # a decode-only step: no reassembly
         return meta.backend.decode(q, k_cache, v_cache, meta, params)
+    if meta.backend.attends_whole_steps(k_cache):
+        return meta.backend.attend_step(q, k_cache, v_cache, meta, params)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     split = meta.num_decode_tokens
     if meta.num_decodes:

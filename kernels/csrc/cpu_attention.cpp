@@ -348,8 +348,18 @@ torch::Tensor bf16_linear_pack(const torch::Tensor& weight);
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
                           const c10::optional<torch::Tensor>& bias);
 
+bool bf16_vector_attention() {
+#ifdef LMI_BF16_ATTENTION
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention over the block-table KV cache (CPU)");
+  m.def("bf16_vector_attention", &bf16_vector_attention,
+        "whether bf16 caches with head sizes 64 and 128 take the AVX512-BF16 vector code");
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place, optional), then RMSNorm(x) * weight");
   m.def("rope_", &rope_, "rotary embedding of the first heads of q/k/v rows, in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");

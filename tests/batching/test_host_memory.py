@@ -47,5 +47,7 @@ def _faults(mode: str) -> int:
 
 def test_freed_blocks_are_reused_without_page_faults():
     default, kept = _faults("off"), _faults("on")
-    # measured when written: 114045 page faults over 10 steps by default, 5932 with the setting
-    assert kept * 5 < default
+    # measured when written: 114045 page faults over 10 steps by default, 5932 with the setting;
+    # one later run of the whole suite saw 28205 by default (the default's count varies with the
+    # host's memory management; the setting's does not), hence a margin of 3x rather than 5x
+    assert kept * 3 < default

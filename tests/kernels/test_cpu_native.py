@@ -80,6 +80,53 @@ def test_query_rows_may_be_strided_views(dtype, head_dim, tolerance):
                                expected, rtol=tolerance, atol=tolerance)
 
 
+needs_vector_bf16 = pytest.mark.skipif(native is None or not native.bf16_vector_attention(),
+                                       reason="no AVX512-BF16 here: prefill keeps torch's SDPA")
+
+
+@needs_vector_bf16
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("window,softcap,with_sinks", [(None, None, False), (9, None, False), (None, 3.0, True)])
+def test_a_whole_step_in_one_kernel_call_equals_the_torch_backend(head_dim, window, softcap, with_sinks):
+    """Decodes, a fresh prompt and a chunk after cached context, in one step: the native backend's
+    single call (each new token a query row ending at its own position) against the torch
+    backend's decode + per-prompt SDPA, new K/V written by both."""
+    num_heads, num_kv_heads, block_size = 6, 2, 4
+    # (context length after the step, new tokens): 2 decodes, a fresh 13-token prompt, 30 cached + 11 new
+    sequences = [(25, 1), (7, 1), (13, 13), (41, 11)]
+    lengths = [length for length, _ in sequences]
+    k_cache, v_cache, tables, lens = _cache_and_tables(lengths, block_size, num_kv_heads, head_dim, torch.bfloat16, 7)
+    slots, cu = [], [0]
+    for (length, new), table in zip(sequences, tables.tolist()):
+        slots += [table[pos // block_size] * block_size + pos % block_size for pos in range(length - new, length)]
+        cu.append(cu[-1] + new)
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(cu[-1], heads, head_dim, generator=generator).to(torch.bfloat16)
+               for heads in (num_heads, num_kv_heads, num_kv_heads))
+    params = reference.AttentionParams(head_dim ** -0.5, sliding_window=window, softcap=softcap,
+                                       sinks=torch.randn(num_heads, generator=generator) if with_sinks else None)
+    results = []
+    for backend in (attention.NativeCpuBackend(native), attention.TorchBackend()):
+        caches = (k_cache.clone(), v_cache.clone())
+        meta = attention.AttentionMetadata(
+            slot_mapping=torch.tensor(slots), block_tables=tables, context_lens=lens, cu_seqlens_q=cu,
+            context_lens_host=lengths, num_decodes=2, kv_caches=[caches], backend=backend)
+        results.append((attention.attend(meta, 0, q, k, v, params), caches))
+    assert attention.NativeCpuBackend(native).attends_whole_steps(k_cache)
+    (native_out, native_caches), (torch_out, torch_caches) = results
+    assert torch.equal(native_caches[0], torch_caches[0]) and torch.equal(native_caches[1], torch_caches[1])
+    torch.testing.assert_close(native_out.float(), torch_out.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_other_dtypes_keep_sdpa_for_prefill():
+    backend = attention.NativeCpuBackend(native) if native is not None else None
+    if backend is None:
+        pytest.skip("no C++ compiler here")
+    assert not backend.attends_whole_steps(torch.zeros(1, 4, 2, 64))  # fp32: the generic kernel
+    assert not backend.attends_whole_steps(torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16))  # no vector code
+    assert not attention.TorchBackend().attends_whole_steps(torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16))
+
+
 @needs_native
 def test_bad_inputs_raise_instead_of_reading_out_of_bounds():
     k_cache, v_cache, tables, lens = _cache_and_tables([5], 4, 2, 16, torch.float32, seed=6)
