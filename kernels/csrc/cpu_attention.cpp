@@ -195,8 +195,7 @@ void attend_sequence(const float* __restrict__ q, const T* q_rows, int64_t num_k
     float* __restrict__ sh = scores + h * n;
     if (cap > 0.f)
       for (int64_t i = 0; i < n; ++i) sh[i] = std::tanh(sh[i] / cap) * cap;
-    float top = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) top = std::max(top, sh[i]);
+    const float top = std::max(sinks ? sinks[h] : -std::numeric_limits<float>::infinity(), lmi::max_of(sh, n));
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) sh[i] = exp_nonpositive(sh[i] - top);
     float sum = sinks ? exp_nonpositive(sinks[h] - top) : 0.f;
@@ -342,6 +341,7 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor argmax_rows(torch::Tensor logits);
 // kernels/csrc/cpu_linear.cpp
 bool bf16_linear_available();
 torch::Tensor bf16_linear_pack(const torch::Tensor& weight);
@@ -363,6 +363,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place, optional), then RMSNorm(x) * weight");
   m.def("rope_", &rope_, "rotary embedding of the first heads of q/k/v rows, in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
+  m.def("argmax_rows", &argmax_rows, "each row's first index of its maximum (rows without NaN)");
   m.def("bf16_linear_available", &bf16_linear_available, "whether this build has the AVX512-BF16 linear layers");
   m.def("bf16_linear_pack", &bf16_linear_pack, "a bf16 [out, in] weight in bf16_linear's packed layout");
   m.def("bf16_linear", &bf16_linear, "x W^T + b on a packed bf16 weight (fp32 accumulation)");

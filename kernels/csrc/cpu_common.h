@@ -7,8 +7,14 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <type_traits>
 
 namespace lmi {
@@ -74,6 +80,23 @@ inline float exp_nonpositive(float x) {
   float out;
   std::memcpy(&out, &bits, sizeof(out));
   return x < -87.f ? 0.f : out;
+}
+
+// The maximum of x[0..n) (NaN: unspecified). Written out for AVX-512: gcc does not vectorize a
+// float max reduction without -ffast-math (0.77 against 0.05 ms for 1.6M values here).
+inline float max_of(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#ifdef __AVX512F__
+  __m512 a = _mm512_set1_ps(m), b = a;
+  for (; i + 32 <= n; i += 32) {
+    a = _mm512_max_ps(a, _mm512_loadu_ps(x + i));
+    b = _mm512_max_ps(b, _mm512_loadu_ps(x + i + 16));
+  }
+  m = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
 }
 
 }  // namespace lmi

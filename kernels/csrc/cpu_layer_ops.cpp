@@ -10,9 +10,12 @@
 
 #include "cpu_common.h"
 
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -119,6 +122,33 @@ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t width) {
     default: TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);                \
   }
 
+// Per row of logits [rows, vocab] (rows may be strided, the vocabulary contiguous): the first
+// index of the row's maximum, as torch.argmax, for rows without NaN (with a NaN the result is
+// unspecified; the sampler checks for them).
+template <typename T>
+void argmax_kernel(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* out) {
+  constexpr int64_t kChunk = 512;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kChunk);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = logits + r * stride;
+      float top = -std::numeric_limits<float>::infinity();
+      int64_t top_chunk = 0;
+      for (int64_t c = 0; c * kChunk < vocab; ++c) {
+        const int64_t n = std::min(kChunk, vocab - c * kChunk);
+        load(row + c * kChunk, buffer.data(), n);
+        const float m = lmi::max_of(buffer.data(), n);
+        if (m > top) top = m, top_chunk = c;  // the first chunk holding the maximum
+      }
+      const int64_t n = std::min(kChunk, vocab - top_chunk * kChunk);
+      load(row + top_chunk * kChunk, buffer.data(), n);
+      int64_t i = 0;
+      while (i + 1 < n && buffer[i] != top) ++i;
+      out[r] = top_chunk * kChunk + i;
+    }
+  });
+}
+
 }  // namespace
 
 // x [rows, width] (updated in place to x + delta when delta is given), weight [width] ->
@@ -164,5 +194,16 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   auto out = torch::empty({gu.size(0), gu.size(1) / 2}, gu.options());
   LMI_DISPATCH(gu.scalar_type(), "silu_mul",
                silu_mul_kernel<scalar>(gu.data_ptr<scalar>(), out.data_ptr<scalar>(), gu.size(0), gu.size(1) / 2));
+  return out;
+}
+
+// logits [rows, vocab] -> int64 [rows]: each row's first index of its maximum (rows without NaN).
+torch::Tensor argmax_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.stride(1) == 1,
+              "argmax_rows: logits must be [rows, vocab], contiguous along the vocabulary");
+  auto out = torch::empty({logits.size(0)}, logits.options().dtype(torch::kLong));
+  LMI_DISPATCH(logits.scalar_type(), "argmax_rows",
+               argmax_kernel<scalar>(logits.data_ptr<scalar>(), logits.size(0), logits.size(1), logits.stride(0),
+                                     out.data_ptr<int64_t>()));
   return out;
 }

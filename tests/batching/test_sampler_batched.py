@@ -312,3 +312,28 @@ def test_an_all_greedy_batch_takes_the_fast_path(monkeypatch):
     logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
     seqs = [Sequence([1, 2], GenerationParams(temperature=0.5 if row % 2 else 1.0)) for row in range(8)]
     assert sampler.sample(logits, seqs).token_ids == torch.argmax(logits, dim=-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_greedy_batches_pick_torch_argmax_ties_and_infinities_included(dtype):
+    """The all-greedy fast path (the compiled argmax on CPU where it builds): the first index of
+    each row's maximum, as ``torch.argmax``, across chunk boundaries, ties and infinite logits;
+    rows holding a NaN get torch's answer too."""
+    rng = random.Random(5)
+    vocab = 1100  # a ragged last chunk of the kernel's 512
+    seqs = [make_seq(rng, vocab, GenerationParams(max_new_tokens=4)) for _ in range(7)]
+    logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(6)).to(dtype)
+    logits[1, 513] = logits[1, 1000] = 40  # a tie across chunks: the first wins
+    logits[2, 1099] = 50  # the last element
+    logits[3] = -float("inf")
+    logits[3, 700] = 0
+    logits[4, 3] = logits[4, 9] = float("inf")
+    logits[5, 600] = float("nan")
+    sampler = Sampler()
+    out = sampler.sample(logits, seqs)
+    from kernels import cpu_native
+
+    assert bool(sampler._native) == (cpu_native.load() is not None)  # the compiled argmax served where built
+    assert out.token_ids == torch.argmax(logits.float(), dim=-1).tolist()
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(out.log_probs), expected, equal_nan=True)
