@@ -357,14 +357,18 @@ bool bf16_vector_attention() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention over the block-table KV cache (CPU)");
+  // The kernels touch no Python object: they let other threads of the process hold the interpreter
+  // lock while they compute (as torch's own operators do), so the server's HTTP threads format and
+  // send tokens on another core during the engine's step.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode", &paged_decode, nogil, "paged decode attention over the block-table KV cache (CPU)");
   m.def("bf16_vector_attention", &bf16_vector_attention,
         "whether bf16 caches with head sizes 64 and 128 take the AVX512-BF16 vector code");
-  m.def("add_rms_norm", &add_rms_norm, "x += delta (in place, optional), then RMSNorm(x) * weight");
-  m.def("rope_", &rope_, "rotary embedding of the first heads of q/k/v rows, in place");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
-  m.def("argmax_rows", &argmax_rows, "each row's first index of its maximum (rows without NaN)");
+  m.def("add_rms_norm", &add_rms_norm, nogil, "x += delta (in place, optional), then RMSNorm(x) * weight");
+  m.def("rope_", &rope_, nogil, "rotary embedding of the first heads of q/k/v rows, in place");
+  m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up of a fused gate/up product");
+  m.def("argmax_rows", &argmax_rows, nogil, "each row's first index of its maximum (rows without NaN)");
   m.def("bf16_linear_available", &bf16_linear_available, "whether this build has the AVX512-BF16 linear layers");
-  m.def("bf16_linear_pack", &bf16_linear_pack, "a bf16 [out, in] weight in bf16_linear's packed layout");
-  m.def("bf16_linear", &bf16_linear, "x W^T + b on a packed bf16 weight (fp32 accumulation)");
+  m.def("bf16_linear_pack", &bf16_linear_pack, nogil, "a bf16 [out, in] weight in bf16_linear's packed layout");
+  m.def("bf16_linear", &bf16_linear, nogil, "x W^T + b on a packed bf16 weight (fp32 accumulation)");
 }
