@@ -94,7 +94,7 @@ def native_bf16_kernel():
     from kernels import cpu_native
 
     native = cpu_native.load()
-    return native if native is not None and native.bf16_linear_available() else None
+    return native if native is not None and native.avx512_bf16() else None
 
 
 def pack_model(model: nn.Module) -> int:
@@ -112,30 +112,7 @@ def pack_model(model: nn.Module) -> int:
             for name, child in list(parent.named_children()):
                 if type(child) is not nn.Linear:
                     continue
-                dtype = child.weight.dtype
-                layer = None
-                if (native is not None and dtype == torch.bfloat16 and child.in_features % 2 == 0
-                        and checked.get((NativeBf16Linear, dtype)) is not False):
-                    layer = NativeBf16Linear(child, native)
-                    if (NativeBf16Linear, dtype) not in checked:
-                        checked[NativeBf16Linear, dtype] = agrees_with_linear(layer, child)
-                        if not checked[NativeBf16Linear, dtype]:
-                            logger.warning("the native bf16 linear kernel disagrees with torch's linear on this CPU; "
-                                           "oneDNN serves those layers")
-                            layer = None
-                if layer is None and checked.get((PackedLinear, dtype)) is not False:
-                    try:
-                        layer = PackedLinear(child)
-                    except RuntimeError as error:  # e.g. fp16 on a CPU without AVX512-FP16
-                        if not refused:
-                            logger.info("oneDNN does not prepack %s weights here (%s); those layers use torch's linear",
-                                        dtype, str(error).splitlines()[0])
-                    if layer is not None and (PackedLinear, dtype) not in checked:
-                        checked[PackedLinear, dtype] = agrees_with_linear(layer, child)
-                        if not checked[PackedLinear, dtype]:
-                            logger.warning("oneDNN's prepacked %s product disagrees with torch's linear on this CPU; "
-                                           "those layers use torch's linear", dtype)
-                            layer = None
+                layer = _packed_layer(child, native, checked, first_refusal=not refused)
                 if layer is None:
                     refused += 1
                     continue
@@ -145,3 +122,31 @@ def pack_model(model: nn.Module) -> int:
     logger.info("prepacked %d linear layers (%s; %d left to torch's linear)", packed,
                 ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "none", refused)
     return packed
+
+
+def _packed_layer(linear: nn.Linear, native, checked: dict, first_refusal: bool) -> nn.Module | None:
+    """The first kind that takes ``linear`` and whose product agrees with torch's ``linear``
+    (checked once per kind and dtype): the project's bf16 kernel, then oneDNN; None for neither."""
+    dtype = linear.weight.dtype
+    candidates = []
+    if native is not None and dtype == torch.bfloat16 and linear.in_features % 2 == 0:
+        candidates.append((NativeBf16Linear, lambda: NativeBf16Linear(linear, native)))
+    candidates.append((PackedLinear, lambda: PackedLinear(linear)))
+    for kind, make in candidates:
+        if checked.get((kind, dtype)) is False:
+            continue
+        try:
+            layer = make()
+        except RuntimeError as error:  # e.g. oneDNN and fp16 on a CPU without AVX512-FP16
+            if first_refusal:
+                logger.info("%s does not take %s weights here (%s); those layers use torch's linear",
+                            kind.__name__, dtype, str(error).splitlines()[0])
+            continue
+        if (kind, dtype) not in checked:
+            checked[kind, dtype] = agrees_with_linear(layer, linear)
+            if not checked[kind, dtype]:
+                logger.warning("%s's %s product disagrees with torch's linear on this CPU; it serves no layers",
+                               kind.__name__, dtype)
+                continue
+        return layer
+    return None

@@ -175,7 +175,7 @@ class NativeCpuBackend(TorchBackend):
 
     def __init__(self, module):
         self.module = module
-        self.vector_bf16 = bool(getattr(module, "bf16_vector_attention", lambda: False)())
+        self.vector_bf16 = module.avx512_bf16()
 
     def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         n = meta.num_decodes

@@ -37,20 +37,15 @@ using lmi::load;
 
 constexpr int64_t TILE = 16;  // cache slots converted to fp32 at a time
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define LMI_BF16_ATTENTION 1
-#include <immintrin.h>
-#endif
-
 template <typename T, int D>
 constexpr bool kBf16Vectors =
-#ifdef LMI_BF16_ATTENTION
+#ifdef LMI_AVX512_BF16
     std::is_same_v<T, c10::BFloat16> && (D == 64 || D == 128);
 #else
     false;
 #endif
 
-#ifdef LMI_BF16_ATTENTION
+#ifdef LMI_AVX512_BF16
 
 // v[t] = the sum of a[t]'s 16 lanes, for 16 vectors.
 inline __m512 sum_lanes16(__m512 a[16]) {
@@ -156,7 +151,7 @@ void attend_sequence(const float* __restrict__ q, const T* q_rows, int64_t num_k
   const int64_t dim = D > 0 ? D : head_dim;
   const int64_t heads = num_kv_heads * group, token_stride = num_kv_heads * dim;
   if constexpr (kBf16Vectors<T, D>) {
-#ifdef LMI_BF16_ATTENTION
+#ifdef LMI_AVX512_BF16
     for (int64_t i0 = 0; i0 < n; i0 += TILE) {
       const int64_t count = std::min<int64_t>(TILE, n - i0);
       for (int64_t g = 0; g < num_kv_heads; ++g) {
@@ -206,7 +201,7 @@ void attend_sequence(const float* __restrict__ q, const T* q_rows, int64_t num_k
     for (int64_t i = 0; i < n; ++i) sh[i] *= inverse;
   }
   if constexpr (kBf16Vectors<T, D>) {
-#ifdef LMI_BF16_ATTENTION
+#ifdef LMI_AVX512_BF16
     for (int64_t g = 0; g < num_kv_heads; ++g)
       bf16_values_group<D>(scores + g * group * n, n, group, v_ptr + g * dim, slots, n, token_stride,
                            acc + g * group * dim);
@@ -343,18 +338,10 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t head
 torch::Tensor silu_mul(torch::Tensor gate_up);
 torch::Tensor argmax_rows(torch::Tensor logits);
 // kernels/csrc/cpu_linear.cpp
-bool bf16_linear_available();
+bool avx512_bf16();
 torch::Tensor bf16_linear_pack(const torch::Tensor& weight);
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
                           const c10::optional<torch::Tensor>& bias);
-
-bool bf16_vector_attention() {
-#ifdef LMI_BF16_ATTENTION
-  return true;
-#else
-  return false;
-#endif
-}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: they let other threads of the process hold the interpreter
@@ -362,13 +349,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // send tokens on another core during the engine's step.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode", &paged_decode, nogil, "paged decode attention over the block-table KV cache (CPU)");
-  m.def("bf16_vector_attention", &bf16_vector_attention,
-        "whether bf16 caches with head sizes 64 and 128 take the AVX512-BF16 vector code");
   m.def("add_rms_norm", &add_rms_norm, nogil, "x += delta (in place, optional), then RMSNorm(x) * weight");
   m.def("rope_", &rope_, nogil, "rotary embedding of the first heads of q/k/v rows, in place");
   m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up of a fused gate/up product");
   m.def("argmax_rows", &argmax_rows, nogil, "each row's first index of its maximum (rows without NaN)");
-  m.def("bf16_linear_available", &bf16_linear_available, "whether this build has the AVX512-BF16 linear layers");
+  m.def("avx512_bf16", &avx512_bf16,
+        "whether this build has the AVX512-BF16 code: bf16 linear layers, bf16 attention vector code");
   m.def("bf16_linear_pack", &bf16_linear_pack, nogil, "a bf16 [out, in] weight in bf16_linear's packed layout");
   m.def("bf16_linear", &bf16_linear, nogil, "x W^T + b on a packed bf16 weight (fp32 accumulation)");
 }

@@ -15,6 +15,12 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+
+// The AVX512-BF16 code paths (bf16 linear layers, bf16 attention vector code) are built when the
+// machine the kernels are compiled for (-march=native) has these features.
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define LMI_AVX512_BF16 1
+#endif
 #include <type_traits>
 
 namespace lmi {

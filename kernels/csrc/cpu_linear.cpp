@@ -19,14 +19,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define LMI_BF16_GEMM 1
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -36,7 +33,7 @@ constexpr int64_t kAheadPairs = 32;  // how far ahead of itself the first group 
 
 int64_t tiles_of(int64_t out_features) { return (out_features + 16 * kBlocks - 1) / (16 * kBlocks); }
 
-#ifdef LMI_BF16_GEMM
+#ifdef LMI_AVX512_BF16
 
 // rows x blocks outputs of one tile; `prefetch` walks along with the tile's own stream.
 template <int R, int B>
@@ -103,8 +100,8 @@ void check_packable(const torch::Tensor& weight) {
 
 }  // namespace
 
-bool bf16_linear_available() {
-#ifdef LMI_BF16_GEMM
+bool avx512_bf16() {
+#ifdef LMI_AVX512_BF16
   return true;
 #else
   return false;
@@ -141,7 +138,7 @@ torch::Tensor bf16_linear_pack(const torch::Tensor& weight) {
 // x [..., in_features] bf16 -> [..., out_features] bf16; bias: fp32 [out_features] or None.
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(bf16_linear_available(), "bf16_linear: this build has no AVX512-BF16");
+  TORCH_CHECK(avx512_bf16(), "bf16_linear: this build has no AVX512-BF16");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && packed.scalar_type() == torch::kBFloat16,
               "bf16_linear: bf16 input and weight are needed");
   const int64_t k_in = x.size(-1), tiles = tiles_of(out_features);
@@ -159,7 +156,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, i
   const auto xc = rows2d.stride(1) == 1 ? rows2d : rows2d.contiguous();
   const int64_t rows = xc.size(0);
   auto out = torch::empty({rows, out_features}, x.options());
-#ifdef LMI_BF16_GEMM
+#ifdef LMI_AVX512_BF16
   if (rows > 0) {
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());

@@ -80,7 +80,7 @@ def test_query_rows_may_be_strided_views(dtype, head_dim, tolerance):
                                expected, rtol=tolerance, atol=tolerance)
 
 
-needs_vector_bf16 = pytest.mark.skipif(native is None or not native.bf16_vector_attention(),
+needs_vector_bf16 = pytest.mark.skipif(native is None or not native.avx512_bf16(),
                                        reason="no AVX512-BF16 here: prefill keeps torch's SDPA")
 
 
