@@ -22,7 +22,8 @@ bf16 layers on CPUs with AVX512-BF16 use the project's own kernel instead
 streams each weight once and overlaps the next weights' loads with the current products, faster
 than oneDNN's at every batch a decode step has (``python -m benchmarks.linear_probe``; figures in
 docs/benchmarks.md). Its results may differ from ``linear``'s in the last bit (fp32 summation
-order); each row is still computed on its own. ``LMI_CPU_KERNELS=torch`` keeps oneDNN.
+order); each row is still computed on its own. ``LMI_CPU_KERNELS=torch`` keeps oneDNN. Its packed
+weights live in huge pages where the kernel gives them (``host_memory.HugePageArena``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import logging
 
 import torch
 from torch import nn
+
+from batching.host_memory import HugePageArena
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +77,14 @@ class NativeBf16Linear(nn.Module):
     """``nn.Linear`` in bf16 on the project's AVX512-BF16 kernel, its weight packed once into the
     kernel's tile layout (no ``weight`` attribute, as for :class:`PackedLinear`)."""
 
-    def __init__(self, linear: nn.Linear, native):
+    def __init__(self, linear: nn.Linear, native, arena: HugePageArena | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.native = native
-        self.register_buffer("packed", native.bf16_linear_pack(linear.weight.detach()))
+        numel = native.bf16_linear_packed_numel(self.out_features, self.in_features)
+        packed = arena.empty(numel, torch.bfloat16) if arena is not None else torch.empty(numel, dtype=torch.bfloat16)
+        native.bf16_linear_pack(linear.weight.detach(), packed)
+        self.register_buffer("packed", packed)
         self.bias = linear.bias
         self.register_buffer("bias_fp32", None if linear.bias is None else linear.bias.detach().float().contiguous(),
                              persistent=False)
@@ -105,6 +111,7 @@ def pack_model(model: nn.Module) -> int:
     native = native_bf16_kernel() if any(
         type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 for module in model.modules()) else None
     packed = refused = 0
+    arena = HugePageArena()  # the kernel's packed weights, in huge pages; dropped with the layers
     kinds: dict[str, int] = {}
     checked: dict[tuple[type, torch.dtype], bool] = {}  # (kind, dtype) -> its product agrees with linear's
     with torch.no_grad():
@@ -112,7 +119,7 @@ def pack_model(model: nn.Module) -> int:
             for name, child in list(parent.named_children()):
                 if type(child) is not nn.Linear:
                     continue
-                layer = _packed_layer(child, native, checked, first_refusal=not refused)
+                layer = _packed_layer(child, native, arena, checked, first_refusal=not refused)
                 if layer is None:
                     refused += 1
                     continue
@@ -124,13 +131,14 @@ def pack_model(model: nn.Module) -> int:
     return packed
 
 
-def _packed_layer(linear: nn.Linear, native, checked: dict, first_refusal: bool) -> nn.Module | None:
+def _packed_layer(linear: nn.Linear, native, arena: HugePageArena, checked: dict,
+                  first_refusal: bool) -> nn.Module | None:
     """The first kind that takes ``linear`` and whose product agrees with torch's ``linear``
     (checked once per kind and dtype): the project's bf16 kernel, then oneDNN; None for neither."""
     dtype = linear.weight.dtype
     candidates = []
     if native is not None and dtype == torch.bfloat16 and linear.in_features % 2 == 0:
-        candidates.append((NativeBf16Linear, lambda: NativeBf16Linear(linear, native)))
+        candidates.append((NativeBf16Linear, lambda: NativeBf16Linear(linear, native, arena)))
     candidates.append((PackedLinear, lambda: PackedLinear(linear)))
     for kind, make in candidates:
         if checked.get((kind, dtype)) is False:

@@ -4,6 +4,7 @@ packed batch per step through the project's attention function (kernels/attentio
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -198,10 +199,17 @@ class ModelRunner:
         """``allocate_kv_cache`` on this rank only."""
         self.release_kv_cache()
         self.kv_caches = []
+        # On CPU the cache lives in huge pages, as the packed weights do: a step streams it too.
+        arena = host_memory.HugePageArena() if self.device.type == "cpu" else None
+
+        def zeros(shape, dtype):
+            if arena is None:
+                return torch.zeros(shape, dtype=dtype, device=self.device)
+            return arena.empty(math.prod(shape), dtype).zero_().view(shape)
+
         for layer in self.layout.layers:
             shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-            self.kv_caches.append((torch.zeros(shape, dtype=layer.dtype, device=self.device),
-                                   torch.zeros(shape, dtype=layer.dtype, device=self.device)))
+            self.kv_caches.append((zeros(shape, layer.dtype), zeros(shape, layer.dtype)))
         self.block_size = block_size
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
                     num_blocks * block_size * self.layout.bytes_per_token / 2**20)

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                   dtype=torch.qint8))
     xf = x.float()
     from batching.packed_linear import NativeBf16Linear, PackedLinear, native_bf16_kernel
+    from batching.host_memory import HugePageArena
     from batching.quantize import Int4WeightOnlyLinear
 
     def layers(kind, tensors):
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     packed_bf16, packed_fp32 = layers(PackedLinear, weights), layers(PackedLinear, fp32)
     int4 = layers(Int4WeightOnlyLinear, weights)
     kernel = native_bf16_kernel()
-    native = layers(lambda linear: NativeBf16Linear(linear, kernel), weights) if kernel is not None else []
+    arena = HugePageArena()  # as the model runner places them
+    native = layers(lambda linear: NativeBf16Linear(linear, kernel, arena), weights) if kernel is not None else []
     cases = {
         "bf16 linear": lambda: [torch.nn.functional.linear(x, w) for w in weights],
         "bf16 prepacked (batching.packed_linear)": lambda: [layer(x) for layer in packed_bf16],

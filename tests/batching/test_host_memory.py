@@ -51,3 +51,59 @@ def test_freed_blocks_are_reused_without_page_faults():
     # one later run of the whole suite saw 28205 by default (the default's count varies with the
     # host's memory management; the setting's does not), hence a margin of 3x rather than 5x
     assert kept * 3 < default
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _mapping_flags(address: int) -> dict[str, str]:
+    """/proc/self/smaps fields of the mapping that holds ``address``."""
+    fields: dict[str, str] = {}
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def test_the_arena_hands_out_aligned_separate_tensors_that_outlive_it():
+    import gc
+
+    import torch
+
+    from batching.host_memory import HugePageArena
+
+    arena = HugePageArena(block_bytes=4 << 20)
+    pieces = [arena.empty(n, dtype) for n, dtype in
+              ((1000, torch.bfloat16), (3, torch.float32), (3 << 20, torch.bfloat16), (77, torch.uint8))]
+    assert [p.numel() for p in pieces] == [1000, 3, 3 << 20, 77]
+    assert [p.dtype for p in pieces] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.uint8]
+    assert all(p.data_ptr() % 64 == 0 for p in pieces)
+    for value, piece in enumerate(pieces):
+        piece.fill_(value)
+    del arena
+    gc.collect()
+    # each keeps its value: no piece overlaps another, and the mappings live on with the pieces
+    assert all(bool((piece == value).all()) for value, piece in enumerate(pieces))
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="transparent huge pages are off on this host")
+def test_the_arenas_memory_is_advised_for_huge_pages():
+    import torch
+
+    from batching.host_memory import HugePageArena
+
+    piece = HugePageArena().empty(8 << 20, torch.bfloat16)
+    piece.fill_(1)
+    flags = _mapping_flags(piece.data_ptr())
+    assert flags.get("THPeligible") == "1", flags

@@ -86,34 +86,38 @@ needs_native_bf16 = pytest.mark.skipif(
 
 @needs_native_bf16
 @pytest.mark.parametrize("out_features", [40, 48, 100, 144])  # part of a tile, one tile, a ragged last tile
+@pytest.mark.parametrize("in_features", [72, 200])  # one chunk of input pairs; several, the last one short
 @pytest.mark.parametrize("bias", [True, False])
-def test_native_bf16_layer_computes_the_linear_product(out_features, bias):
+def test_native_bf16_layer_computes_the_linear_product(out_features, in_features, bias):
     torch.manual_seed(2)
-    linear = nn.Linear(72, out_features, bias=bias).to(torch.bfloat16)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
     layer = packed_linear.NativeBf16Linear(linear, _native_bf16())
-    for shape in [(1, 72), (5, 72), (2, 3, 72), (8, 72), (9, 72), (17, 72), (33, 72), (0, 72)]:
-        x = torch.randn(shape, dtype=torch.bfloat16)
+    # one group of rows, two, three, four (a whole pass), a pass and a row, two passes and more
+    for rows in [(1,), (5,), (2, 3), (8,), (9,), (17,), (24,), (32,), (33,), (70,), (0,)]:
+        x = torch.randn(*rows, in_features, dtype=torch.bfloat16)
         expected = nn.functional.linear(x.float(), linear.weight.float(),
                                         None if linear.bias is None else linear.bias.float())
         got = layer(x)
-        assert got.shape == (*shape[:-1], out_features) and got.dtype == torch.bfloat16
+        assert got.shape == (*rows, out_features) and got.dtype == torch.bfloat16
         # one bf16 rounding of an fp32 sum: within 2**-8 of each output
         assert torch.allclose(got.float(), expected, rtol=2 ** -8, atol=1e-3)
-    strided = torch.randn(6, 144, dtype=torch.bfloat16)[:, ::2]  # rows not contiguous in features
+    strided = torch.randn(6, 2 * in_features, dtype=torch.bfloat16)[:, ::2]  # rows not contiguous in features
     assert torch.allclose(layer(strided).float(), nn.functional.linear(
         strided.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()),
         rtol=2 ** -8, atol=1e-3)
 
 
 @needs_native_bf16
-def test_native_bf16_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("in_features", [96, 200])
+def test_native_bf16_rows_do_not_depend_on_the_batch(in_features):
     torch.manual_seed(3)
-    layer = packed_linear.NativeBf16Linear(nn.Linear(96, 200).to(torch.bfloat16), _native_bf16())
-    rows = torch.randn(37, 96, dtype=torch.bfloat16)
+    layer = packed_linear.NativeBf16Linear(nn.Linear(in_features, 200).to(torch.bfloat16), _native_bf16())
+    rows = torch.randn(70, in_features, dtype=torch.bfloat16)
     together = layer(rows)
-    for i in (0, 7, 8, 9, 16, 36):
+    for i in (0, 7, 8, 9, 16, 36, 69):
         assert torch.equal(layer(rows[i:i + 1]), together[i:i + 1])
-    assert torch.equal(layer(rows[5:19]), together[5:19])
+    for begin, end in ((5, 19), (3, 27), (0, 40)):  # two, three and five groups of rows
+        assert torch.equal(layer(rows[begin:end]), together[begin:end])
 
 
 @needs_native_bf16
@@ -129,6 +133,8 @@ def test_pack_model_puts_bf16_layers_on_the_native_kernel_and_checks_it(monkeypa
     assert packed_linear.pack_model(model) == 3
     assert [type(layer) for layer in model] == [packed_linear.NativeBf16Linear, packed_linear.NativeBf16Linear,
                                                  packed_linear.PackedLinear]  # odd input features: oneDNN
+    # the kernel's packed weights are cut from one huge-page arena (batching/host_memory.py)
+    assert model[0].packed.untyped_storage().data_ptr() == model[1].packed.untyped_storage().data_ptr()
 
     real_forward = packed_linear.NativeBf16Linear.forward
     monkeypatch.setattr(packed_linear.NativeBf16Linear, "forward", lambda self, x: real_forward(self, x) * 1.5)
