@@ -220,7 +220,7 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Run the packed batch; logits [num sampling sequences, vocab] in float32."""
+        """Run the packed batch; logits [num sampling sequences, vocab] in the model's dtype (see forward)."""
         inputs = self.prepare_step(batch)
         if isinstance(self.group, tensor_parallel.Leader):
             self.group.send_step(*inputs.to_broadcast())
@@ -233,13 +233,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: "StepInputs", logits_indices: torch.Tensor) -> torch.Tensor:
-        """The model over one packed step; logits [len(logits_indices), vocab] in float32."""
+        """The model over one packed step; logits [len(logits_indices), vocab] in the dtype the
+        model gives them (the sampler computes in float32, except its greedy pass on CPU, which
+        reads them as they are)."""
         if self.lean is not None:
-            return self.lean(inputs.input_ids, inputs.position_ids, logits_indices, inputs.metadata).float()
+            return self.lean(inputs.input_ids, inputs.position_ids, logits_indices, inputs.metadata)
         with attention.step_context(inputs.metadata):
             out = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
                              logits_to_keep=logits_indices)
-        return out.logits[0].float()
+        return out.logits[0]
 
     def prepare_step(self, batch: SchedulerOutput) -> "StepInputs":
         """Device tensors and attention metadata of a scheduled batch (decodes first)."""

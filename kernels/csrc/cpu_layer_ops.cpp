@@ -149,6 +149,78 @@ void argmax_kernel(const T* logits, int64_t rows, int64_t vocab, int64_t stride,
   });
 }
 
+// The sum over i of exp(x[i] - shift) for x[i] <= shift (terms below e^-87 count as e^-87, a
+// negligible addend next to the maximum's 1); a NaN makes the sum NaN.
+inline float sum_exp_shifted(const float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef __AVX512F__
+  // exp_nonpositive's reduction and polynomial, 16 lanes at a time, 2^n by vscalefps.
+  const __m512 vshift = _mm512_set1_ps(shift), low = _mm512_set1_ps(-87.f);
+  const auto exp16 = [&](__m512 v) {
+    v = _mm512_max_ps(low, _mm512_sub_ps(v, vshift));  // (keeps a NaN: maxps returns its second operand)
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+  };
+  __m512 a = _mm512_setzero_ps(), b = a;
+  for (; i + 32 <= n; i += 32) {
+    a = _mm512_add_ps(a, exp16(_mm512_loadu_ps(x + i)));
+    b = _mm512_add_ps(b, exp16(_mm512_loadu_ps(x + i + 16)));
+  }
+  total = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#endif
+  for (; i < n; ++i) {
+    const float d = x[i] - shift;
+    total += std::isnan(d) ? d : lmi::exp_nonpositive(std::max(d, -87.f));
+  }
+  return total;
+}
+
+// Per row of logits [rows, vocab]: the first index of the row's maximum (as torch.argmax) and
+// its log-probability, log_softmax(row)[index] = -log(sum(exp(row - max))), in two passes over
+// the row and no [rows, vocab] output. A row holding a NaN (or whose maximum is infinite) gets a
+// NaN log-probability and an unspecified index: the sampler then redoes the batch with torch.
+template <typename T>
+void greedy_kernel(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* tokens, float* log_probs) {
+  constexpr int64_t kChunk = 512;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kChunk);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = logits + r * stride;
+      float top = -std::numeric_limits<float>::infinity();
+      int64_t top_chunk = 0;
+      for (int64_t c = 0; c * kChunk < vocab; ++c) {
+        const int64_t n = std::min(kChunk, vocab - c * kChunk);
+        load(row + c * kChunk, buffer.data(), n);
+        const float m = lmi::max_of(buffer.data(), n);
+        if (m > top) top = m, top_chunk = c;  // the first chunk holding the maximum
+      }
+      float sum = 0.f;
+      for (int64_t c = 0; c * kChunk < vocab; ++c) {
+        const int64_t n = std::min(kChunk, vocab - c * kChunk);
+        load(row + c * kChunk, buffer.data(), n);
+        sum += sum_exp_shifted(buffer.data(), n, top);
+        if (c == top_chunk) {
+          int64_t i = 0;
+          while (i + 1 < n && buffer[i] != top) ++i;
+          tokens[r] = top_chunk * kChunk + i;
+        }
+      }
+      log_probs[r] = std::isinf(top) ? std::numeric_limits<float>::quiet_NaN() : -std::log(sum);
+    }
+  });
+}
+
 }  // namespace
 
 // x [rows, width] (updated in place to x + delta when delta is given), weight [width] ->
@@ -206,4 +278,15 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
                argmax_kernel<scalar>(logits.data_ptr<scalar>(), logits.size(0), logits.size(1), logits.stride(0),
                                      out.data_ptr<int64_t>()));
   return out;
+}
+
+std::vector<torch::Tensor> greedy_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.stride(1) == 1,
+              "greedy_rows: logits must be [rows, vocab], contiguous along the vocabulary");
+  auto tokens = torch::empty({logits.size(0)}, logits.options().dtype(torch::kLong));
+  auto log_probs = torch::empty({logits.size(0)}, logits.options().dtype(torch::kFloat));
+  LMI_DISPATCH(logits.scalar_type(), "greedy_rows",
+               greedy_kernel<scalar>(logits.data_ptr<scalar>(), logits.size(0), logits.size(1), logits.stride(0),
+                                     tokens.data_ptr<int64_t>(), log_probs.data_ptr<float>()));
+  return {tokens, log_probs};
 }

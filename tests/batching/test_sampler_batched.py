@@ -337,3 +337,58 @@ def test_all_greedy_batches_pick_torch_argmax_ties_and_infinities_included(dtype
     assert out.token_ids == torch.argmax(logits.float(), dim=-1).tolist()
     expected = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
     assert torch.allclose(torch.tensor(out.log_probs), expected, equal_nan=True)
+
+
+def _native_kernels():
+    from kernels import cpu_native
+
+    return cpu_native.load()
+
+
+@pytest.mark.skipif(_native_kernels() is None, reason="the compiled CPU kernels do not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_greedy_batches_take_one_fused_pass_with_torchs_tokens_and_log_probs(monkeypatch, dtype):
+    """All greedy, nothing to process, no top log-probabilities: the compiled ``greedy_rows``
+    gives each row's token and log-probability on the logits as the model gave them (bf16 too),
+    with no [rows, vocab] log_softmax; the same tokens as ``torch.argmax`` and the log-probability
+    of ``log_softmax`` within float32 rounding."""
+    rng = random.Random(7)
+    vocab = 49152 + 37  # whole chunks and a ragged last one
+    seqs = [make_seq(rng, vocab, GenerationParams(max_new_tokens=4, temperature=0.0 if row % 2 else 1.0))
+            for row in range(6)]
+    logits = (3 * torch.randn(6, vocab, generator=torch.Generator().manual_seed(8))).to(dtype)
+    logits[1, 513] = logits[1, 40000] = 40  # a tie across chunks: the first wins
+    logits[2, vocab - 1] = 50  # the last element
+    logits[3, :30000] = -float("inf")  # masked tokens count for nothing
+    logits[4] = 0.5  # a flat row: the first token, log(1 / vocab)
+    calls = []
+    native = _native_kernels()
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "greedy_rows":
+                calls.append(name)
+            return getattr(native, name)
+
+    sampler = Sampler()
+    sampler._native = Spy()
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    monkeypatch.setattr(torch, "log_softmax", lambda *a, **k: pytest.fail("the fused pass computes no log_softmax"))
+    out = sampler.sample(logits, seqs)
+    assert calls == ["greedy_rows"]
+    assert out.token_ids == torch.argmax(logits.float(), dim=-1).tolist()
+    assert out.token_ids[1] == 513 and out.token_ids[2] == vocab - 1 and out.token_ids[4] == 0
+    chosen = expected.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(out.log_probs), chosen, rtol=1e-5, atol=1e-5)
+    assert out.top_logprobs == [None] * 6
+
+
+@pytest.mark.skipif(_native_kernels() is None, reason="the compiled CPU kernels do not build here")
+def test_the_fused_greedy_pass_marks_rows_it_cannot_answer():
+    logits = torch.randn(4, 1100, generator=torch.Generator().manual_seed(9))
+    logits[0, 600] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2] = -float("inf")
+    tokens, log_probs = _native_kernels().greedy_rows(logits)
+    assert torch.isnan(log_probs[:3]).all() and not torch.isnan(log_probs[3])
+    assert tokens[3] == torch.argmax(logits[3])
