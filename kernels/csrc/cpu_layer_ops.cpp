@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -122,24 +123,32 @@ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t width) {
     default: TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);                \
   }
 
+constexpr int64_t kChunk = 512;  // logits converted to fp32 at a time
+
+// A row's maximum and the first kChunk-chunk holding it (`buffer`: kChunk floats).
+template <typename T>
+inline std::pair<float, int64_t> row_maximum(const T* row, int64_t vocab, float* buffer) {
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t top_chunk = 0;
+  for (int64_t c = 0; c * kChunk < vocab; ++c) {
+    const int64_t n = std::min(kChunk, vocab - c * kChunk);
+    load(row + c * kChunk, buffer, n);
+    const float m = lmi::max_of(buffer, n);
+    if (m > top) top = m, top_chunk = c;  // the first chunk holding the maximum
+  }
+  return {top, top_chunk};
+}
+
 // Per row of logits [rows, vocab] (rows may be strided, the vocabulary contiguous): the first
 // index of the row's maximum, as torch.argmax, for rows without NaN (with a NaN the result is
 // unspecified; the sampler checks for them).
 template <typename T>
 void argmax_kernel(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* out) {
-  constexpr int64_t kChunk = 512;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(kChunk);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = logits + r * stride;
-      float top = -std::numeric_limits<float>::infinity();
-      int64_t top_chunk = 0;
-      for (int64_t c = 0; c * kChunk < vocab; ++c) {
-        const int64_t n = std::min(kChunk, vocab - c * kChunk);
-        load(row + c * kChunk, buffer.data(), n);
-        const float m = lmi::max_of(buffer.data(), n);
-        if (m > top) top = m, top_chunk = c;  // the first chunk holding the maximum
-      }
+      const auto [top, top_chunk] = row_maximum(row, vocab, buffer.data());
       const int64_t n = std::min(kChunk, vocab - top_chunk * kChunk);
       load(row + top_chunk * kChunk, buffer.data(), n);
       int64_t i = 0;
@@ -192,19 +201,11 @@ inline float sum_exp_shifted(const float* x, int64_t n, float shift) {
 // NaN log-probability and an unspecified index: the sampler then redoes the batch with torch.
 template <typename T>
 void greedy_kernel(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* tokens, float* log_probs) {
-  constexpr int64_t kChunk = 512;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(kChunk);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = logits + r * stride;
-      float top = -std::numeric_limits<float>::infinity();
-      int64_t top_chunk = 0;
-      for (int64_t c = 0; c * kChunk < vocab; ++c) {
-        const int64_t n = std::min(kChunk, vocab - c * kChunk);
-        load(row + c * kChunk, buffer.data(), n);
-        const float m = lmi::max_of(buffer.data(), n);
-        if (m > top) top = m, top_chunk = c;  // the first chunk holding the maximum
-      }
+      const auto [top, top_chunk] = row_maximum(row, vocab, buffer.data());
       float sum = 0.f;
       for (int64_t c = 0; c * kChunk < vocab; ++c) {
         const int64_t n = std::min(kChunk, vocab - c * kChunk);
