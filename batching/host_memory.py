@@ -58,8 +58,8 @@ class HugePageArena:
     """Tensors carved out of anonymous mappings advised for transparent huge pages (Linux).
 
     A decode step streams every weight once: with 4 KiB pages that is a TLB miss, and a page walk,
-    every 4 KiB of a few hundred MB. Weights in 2 MiB pages streamed 5-10 % faster through the
-    bf16 linear kernel (docs/benchmarks.md). ``empty`` hands out consecutive, 64-byte aligned
+    every 4 KiB of a few hundred MB. Weights in 2 MiB pages streamed 5-12 % faster through the
+    bf16 linear kernel at 1 to 32 rows (docs/benchmarks.md). ``empty`` hands out consecutive, 64-byte aligned
     pieces of mappings of ``block_bytes`` (a larger one for a larger tensor); a mapping lives as
     long as any tensor cut from it, and only the pages written are backed by memory. Where the
     kernel does not support it (not Linux, THP set to ``never``), the pages are ordinary ones.
