@@ -160,8 +160,9 @@ class TorchBackend:
 
 class NativeCpuBackend(TorchBackend):
     """CPU with the project's compiled kernels (kernels/cpu_native.py): decode attention reads the
-    block-table cache in place (no per-layer gather of padded contexts); writes are the torch
-    implementation's.
+    block-table cache in place (no per-layer gather of padded contexts); new keys and values go
+    to their slots in one compiled call per layer (``write_kv``; torch's ``index_copy_`` for
+    other dtypes or layouts).
 
     Prefill: on bf16 caches with head sizes 64 and 128 where the kernel has its AVX512-BF16 vector
     code, the whole step (decodes and prefill chunks, cached context included) is one kernel call
@@ -176,6 +177,13 @@ class NativeCpuBackend(TorchBackend):
     def __init__(self, module):
         self.module = module
         self.vector_bf16 = module.avx512_bf16()
+
+    def write(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        if (key.dtype == value.dtype == k_cache.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
+                and meta.slot_mapping.dtype == torch.int64):
+            self.module.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)  # one call, -1 slots skipped
+        else:
+            super().write(key, value, k_cache, v_cache, meta)
 
     def decode(self, query, k_cache, v_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         n = meta.num_decodes

@@ -371,6 +371,7 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t head
 torch::Tensor silu_mul(torch::Tensor gate_up);
 torch::Tensor argmax_rows(torch::Tensor logits);
 std::vector<torch::Tensor> greedy_rows(torch::Tensor logits);
+void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
 // kernels/csrc/cpu_linear.cpp
 bool avx512_bf16();
 int64_t bf16_linear_packed_numel(int64_t out_features, int64_t in_features);
@@ -390,6 +391,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, nogil, "each row's first index of its maximum (rows without NaN)");
   m.def("greedy_rows", &greedy_rows, nogil,
         "each row's first index of its maximum and its log-probability (NaN for rows holding a NaN)");
+  m.def("write_kv", &write_kv, nogil, "new keys and values into their cache slots (-1: skipped)");
   m.def("avx512_bf16", &avx512_bf16,
         "whether this build has the AVX512-BF16 code: bf16 linear layers, bf16 attention vector code");
   m.def("bf16_linear_packed_numel", &bf16_linear_packed_numel, "elements of a packed [out, in] weight");

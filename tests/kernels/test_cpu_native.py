@@ -260,3 +260,25 @@ def test_rope_with_a_partial_rotary_width_leaves_the_rest_of_each_head(dtype):
     native.rope_(qkv, cos, sin, 3)
     torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(qkv[:, :3, 8:], expected[:, :3, 8:])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_kv_write_equals_index_copy_skips_padding_and_refuses_foreign_slots(dtype):
+    """The native backend's K/V write (one compiled call per layer) against the torch backend's
+    ``index_copy_``: keys and values strided as the model hands them (views of [1, Hkv, T, D]),
+    padding slots (-1) left alone, a slot outside the cache refused."""
+    generator = torch.Generator().manual_seed(11)
+    k_cache = torch.randn(6, 4, 3, 16, generator=generator).to(dtype)
+    v_cache = torch.randn(6, 4, 3, 16, generator=generator).to(dtype)
+    key = torch.randn(1, 3, 5, 16, generator=generator).to(dtype)[0].transpose(0, 1)  # [T, Hkv, D], strided
+    value = torch.randn(1, 3, 5, 16, generator=generator).to(dtype)[0].transpose(0, 1)
+    slots = torch.tensor([3, 17, -1, 0, 23])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference.write_kv(key, value, expected_k, expected_v, slots)
+    meta = attention.AttentionMetadata.__new__(attention.AttentionMetadata)
+    meta.slot_mapping = slots
+    attention.NativeCpuBackend(native).write(key, value, k_cache, v_cache, meta)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        native.write_kv(key, value, k_cache, v_cache, torch.tensor([3, 24, -1, 0, 1]))
