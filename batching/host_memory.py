@@ -82,7 +82,7 @@ class HugePageArena:
         huge pages cannot be asked for)."""
         if not self.supported():
             return torch.empty(numel, dtype=dtype)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if self._block is None or self._used + nbytes > self._block.numel():
             size = max(self.block_bytes, -(-nbytes // self.HUGE_PAGE) * self.HUGE_PAGE)
             mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

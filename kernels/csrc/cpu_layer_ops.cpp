@@ -164,23 +164,9 @@ inline float sum_exp_shifted(const float* x, int64_t n, float shift) {
   int64_t i = 0;
   float total = 0.f;
 #ifdef __AVX512F__
-  // exp_nonpositive's reduction and polynomial, 16 lanes at a time, 2^n by vscalefps.
   const __m512 vshift = _mm512_set1_ps(shift), low = _mm512_set1_ps(-87.f);
-  const auto exp16 = [&](__m512 v) {
-    v = _mm512_max_ps(low, _mm512_sub_ps(v, vshift));  // (keeps a NaN: maxps returns its second operand)
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-  };
+  // (max keeps a NaN: maxps returns its second operand when one is NaN)
+  const auto exp16 = [&](__m512 v) { return lmi::exp_nonpositive16(_mm512_max_ps(low, _mm512_sub_ps(v, vshift))); };
   __m512 a = _mm512_setzero_ps(), b = a;
   for (; i + 32 <= n; i += 32) {
     a = _mm512_add_ps(a, exp16(_mm512_loadu_ps(x + i)));
@@ -294,8 +280,8 @@ std::vector<torch::Tensor> greedy_rows(torch::Tensor logits) {
 
 // New keys and values [T, Hkv, D] (rows and heads may be strided, D contiguous) into their cache
 // slots (caches [num_blocks, block_size, Hkv, D] contiguous, same dtype; slots [T] int64, -1: no
-// write): what index_copy_ does per layer, without its per-call dispatch (11 us -> ~1 us for a
-// decode step's 32 rows here).
+// write): what index_copy_ does per layer, without its per-call dispatch (two index_copy_ calls
+// took 11.5 us each for a decode step's 32 rows here; docs/benchmarks.md).
 void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slots) {
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
