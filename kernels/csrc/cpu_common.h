@@ -107,6 +107,41 @@ inline __m512 exp_nonpositive16(__m512 x) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LMI_AVX512_VECTORS 1
+// 16 (or the `mask`ed first) bf16 values widened to fp32.
+inline __m512 load_bf16x16(const c10::BFloat16* src, __mmask16 mask = 0xffff) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// bf16_bits for 16 lanes, as fp32 bit patterns (the bf16 bits in the upper half, the lower half
+// zero): round to nearest even, a NaN becomes the quiet NaN 0x7fc0.
+inline __m512i bf16x16_rounded(__m512 value) {
+  const __m512i bits = _mm512_castps_si512(value);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd),
+                                           _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
+}
+
+// round_to<c10::BFloat16> for 16 lanes.
+inline __m512 round_bf16x16(__m512 value) { return _mm512_castsi512_ps(bf16x16_rounded(value)); }
+
+// 16 (or the `mask`ed first) fp32 values stored as bf16, rounded as store() does. (The upper
+// halves gathered by a permute: vpmovdw to memory is slow on AMD cores.)
+inline void store_bf16x16(__m512 value, c10::BFloat16* dst, __mmask16 mask = 0xffff) {
+  const __m512i upper_halves = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i packed = _mm512_permutexvar_epi16(upper_halves, bf16x16_rounded(value));
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_castsi512_si256(packed));
+}
+
+// The lanes [0, n) of a 16-lane step (n < 16: a tail).
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+#endif
+
 // The maximum of x[0..n) (NaN: unspecified). Written out for AVX-512: gcc does not vectorize a
 // float max reduction without -ffast-math (0.77 against 0.05 ms for 1.6M values here).
 inline float max_of(const float* x, int64_t n) {

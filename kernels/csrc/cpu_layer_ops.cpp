@@ -27,12 +27,69 @@ using lmi::load;
 using lmi::round_to;
 using lmi::store;
 
+#ifdef LMI_AVX512_VECTORS
+// Two bf16 steps, 16 lanes at a time, with the loops' operations and roundings: rope_ 0.45 -> 0.13
+// ms for 1024 tokens of 12 heads of 64, add_rms_norm 0.24 -> 0.18 ms for 1024 x 576 (the
+// compiler's loops keep part of the work scalar). (silu_mul written out the same way was slower
+// than its loop.)
+using lmi::lanes;
+using lmi::load_bf16x16;
+using lmi::round_bf16x16;
+using lmi::store_bf16x16;
+
+// One row of add_rms_norm_kernel; `a`: `width` floats of scratch.
+inline void add_rms_norm_row(c10::BFloat16* x, const c10::BFloat16* delta, const c10::BFloat16* weight,
+                             c10::BFloat16* out, int64_t width, float eps, float* a) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < width; i += 16) {
+    const __mmask16 m = lanes(width - i);
+    __m512 v = load_bf16x16(x + i, m);
+    if (delta) {
+      v = round_bf16x16(_mm512_add_ps(v, load_bf16x16(delta + i, m)));
+      store_bf16x16(v, x + i, m);
+    }
+    _mm512_mask_storeu_ps(a + i, m, v);
+    squares = _mm512_fmadd_ps(v, v, squares);  // (lanes past the row are zero)
+  }
+  const __m512 scale =
+      _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(width) + eps));
+  for (int64_t i = 0; i < width; i += 16) {
+    const __mmask16 m = lanes(width - i);
+    const __m512 normed = round_bf16x16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + i), scale));
+    store_bf16x16(_mm512_mul_ps(normed, load_bf16x16(weight + i, m)), out + i, m);
+  }
+}
+
+// One head of rope_kernel when half the rotary width is a multiple of 16.
+inline void rope_head(c10::BFloat16* row, const c10::BFloat16* c, const c10::BFloat16* s, int64_t half) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 x1 = load_bf16x16(row + i), x2 = load_bf16x16(row + half + i);
+    const __m512 c1 = load_bf16x16(c + i), c2 = load_bf16x16(c + half + i);
+    const __m512 s1 = load_bf16x16(s + i), s2 = load_bf16x16(s + half + i);
+    const __m512 first = round_bf16x16(_mm512_mul_ps(x1, c1));
+    const __m512 t1 = round_bf16x16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), s1));
+    const __m512 second = round_bf16x16(_mm512_mul_ps(x2, c2));
+    const __m512 t2 = round_bf16x16(_mm512_mul_ps(x1, s2));
+    store_bf16x16(_mm512_add_ps(first, t1), row + i);
+    store_bf16x16(_mm512_add_ps(second, t2), row + half + i);
+  }
+}
+
+#endif
+
 template <typename T>
 void add_rms_norm_kernel(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> a(width), b(width), w(width);
     load(weight, w.data(), width);
     for (int64_t r = begin; r < end; ++r) {
+#ifdef LMI_AVX512_VECTORS
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        add_rms_norm_row(x + r * width, delta ? delta + r * width : nullptr, weight, out + r * width, width, eps,
+                         a.data());
+        continue;
+      }
+#endif
       T* xr = x + r * width;
       load(xr, a.data(), width);
       if (delta) {
@@ -64,6 +121,15 @@ void rope_kernel(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t hea
   at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> c(width), s(width), v(width), first(half), second(half), t1(half), t2(half);
     for (int64_t t = begin; t < end; ++t) {
+#ifdef LMI_AVX512_VECTORS
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (half % 16 == 0) {
+          for (int64_t h = 0; h < heads; ++h)
+            rope_head(qkv + t * row_stride + h * head_dim, cos + t * width, sin + t * width, half);
+          continue;
+        }
+      }
+#endif
       load(cos + t * width, c.data(), width);
       load(sin + t * width, s.data(), width);
       for (int64_t h = 0; h < heads; ++h) {

@@ -174,11 +174,12 @@ def _rms_norm_torch(x, weight, eps):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_add_rms_norm_adds_in_place_and_normalizes_like_the_model(dtype, rows):
+@pytest.mark.parametrize("width", [96, 100])  # (bf16 goes 16 features at a time: 100 leaves a tail)
+def test_add_rms_norm_adds_in_place_and_normalizes_like_the_model(dtype, rows, width):
     generator = torch.Generator().manual_seed(7)
-    x = (3 * torch.randn(rows, 96, generator=generator)).to(dtype)
-    delta = torch.randn(rows, 96, generator=generator).to(dtype)
-    weight = torch.randn(96, generator=generator).to(dtype)
+    x = (3 * torch.randn(rows, width, generator=generator)).to(dtype)
+    delta = torch.randn(rows, width, generator=generator).to(dtype)
+    weight = torch.randn(width, generator=generator).to(dtype)
     expected_sum = x + delta
     expected = _rms_norm_torch(expected_sum, weight, 1e-5)
     got = native.add_rms_norm(x, delta, weight, 1e-5)
@@ -193,11 +194,12 @@ def test_add_rms_norm_adds_in_place_and_normalizes_like_the_model(dtype, rows):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_rotates_q_and_k_heads_in_place_and_leaves_v(dtype):
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # (bf16 halves of 32 and 64 go 16 features at a time)
+def test_rope_rotates_q_and_k_heads_in_place_and_leaves_v(dtype, head_dim):
     from batching.lean_forward import rotate
 
     generator = torch.Generator().manual_seed(8)
-    tokens, heads, kv_heads, head_dim = 5, 4, 2, 16
+    tokens, heads, kv_heads = 5, 4, 2
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
     angles = torch.randn(tokens, head_dim // 2, generator=generator)
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
@@ -247,19 +249,21 @@ def test_own_forward_with_and_without_compiled_steps_agree(tmp_path):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_with_a_partial_rotary_width_leaves_the_rest_of_each_head(dtype):
+@pytest.mark.parametrize("head_dim, width", [(16, 8), (64, 32)])
+def test_rope_with_a_partial_rotary_width_leaves_the_rest_of_each_head(dtype, head_dim, width):
     from batching.lean_forward import rotate
 
     generator = torch.Generator().manual_seed(10)
-    qkv = torch.randn(3, 4, 16, generator=generator).to(dtype)
-    angles = torch.randn(3, 4, generator=generator)
-    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)  # width 8 of 16
+    qkv = torch.randn(3, 4, head_dim, generator=generator).to(dtype)
+    angles = torch.randn(3, width // 2, generator=generator)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)  # the first `width` features of each head
     sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
     expected = qkv.clone()
     expected[:, :3] = rotate(qkv[:, :3], cos[:, None], sin[:, None])
     native.rope_(qkv, cos, sin, 3)
     torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
-    assert torch.equal(qkv[:, :3, 8:], expected[:, :3, 8:])
+    assert torch.equal(qkv[:, :3, width:], expected[:, :3, width:])
+    assert torch.equal(qkv[:, 3], expected[:, 3])
 
 
 @needs_native
