@@ -129,8 +129,8 @@ inline __m512i bf16x16_rounded(__m512 value) {
 // round_to<c10::BFloat16> for 16 lanes.
 inline __m512 round_bf16x16(__m512 value) { return _mm512_castsi512_ps(bf16x16_rounded(value)); }
 
-// 16 (or the `mask`ed first) fp32 values stored as bf16, rounded as store() does. (The upper
-// halves gathered by a permute: vpmovdw to memory is slow on AMD cores.)
+// 16 (or the `mask`ed first) fp32 values stored as bf16, rounded as store() does (the upper halves
+// gathered by one permute).
 inline void store_bf16x16(__m512 value, c10::BFloat16* dst, __mmask16 mask = 0xffff) {
   const __m512i upper_halves = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);

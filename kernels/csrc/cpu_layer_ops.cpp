@@ -28,10 +28,10 @@ using lmi::round_to;
 using lmi::store;
 
 #ifdef LMI_AVX512_VECTORS
-// Two bf16 steps, 16 lanes at a time, with the loops' operations and roundings: rope_ 0.45 -> 0.13
-// ms for 1024 tokens of 12 heads of 64, add_rms_norm 0.24 -> 0.18 ms for 1024 x 576 (the
-// compiler's loops keep part of the work scalar). (silu_mul written out the same way was slower
-// than its loop.)
+// Two bf16 steps, 16 lanes at a time, with the loops' operations and roundings: against the loops
+// below, rope_ 0.45 -> 0.13 ms for 1024 tokens of 12 heads of 64 and add_rms_norm 0.24 -> 0.18 ms
+// for 1024 x 576 here (docs/benchmarks.md, fifth round). silu_mul written out the same way was
+// slower than its loop, so it keeps the loop.
 using lmi::lanes;
 using lmi::load_bf16x16;
 using lmi::round_bf16x16;
