@@ -364,19 +364,18 @@ void decode_any_head_size(const torch::Tensor& query, const torch::Tensor& k_cac
 // query [B, Hq, D] (rows may be strided), caches [num_blocks, block_size, Hkv, D] contiguous, in the
 // query's dtype; block_tables [B, W] int32; context_lens [B] int32 (the new token included) ->
 // out [B, Hq, D] contiguous. window <= 0: no window; softcap <= 0: none; sinks [Hq] or None.
-torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window,
-                           double softcap, c10::optional<torch::Tensor> sinks) {
+torch::Tensor paged_decode(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& block_tables_in, const torch::Tensor& context_lens_in, double scale,
+                           int64_t window, double softcap, const c10::optional<torch::Tensor>& sinks) {
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
               "query and caches must share a dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(query.stride(2) == 1, "query rows must be contiguous in the head dimension");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0 && query.size(2) == k_cache.size(3), "head shapes differ");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
+  TORCH_CHECK(block_tables_in.scalar_type() == torch::kInt32 && context_lens_in.scalar_type() == torch::kInt32,
               "block tables and lengths must be int32");
-  block_tables = block_tables.contiguous();
-  context_lens = context_lens.contiguous();
+  const auto block_tables = block_tables_in.contiguous(), context_lens = context_lens_in.contiguous();
   TORCH_CHECK(block_tables.size(0) == query.size(0) && context_lens.size(0) == query.size(0), "batch sizes differ");
   auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
   torch::Tensor sinks_f;
@@ -405,23 +404,29 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
 }
 
 // kernels/csrc/cpu_layer_ops.cpp
-torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
-void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-torch::Tensor argmax_rows(torch::Tensor logits);
-std::vector<torch::Tensor> greedy_rows(torch::Tensor logits);
-void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
+torch::Tensor add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
+                           double eps);
+void rope_(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+torch::Tensor argmax_rows(const torch::Tensor& logits);
+std::vector<torch::Tensor> greedy_rows(const torch::Tensor& logits);
+void write_kv(const torch::Tensor& key, const torch::Tensor& value, const torch::Tensor& k_cache,
+              const torch::Tensor& v_cache, const torch::Tensor& slots);
 // kernels/csrc/cpu_linear.cpp
 bool avx512_bf16();
 int64_t bf16_linear_packed_numel(int64_t out_features, int64_t in_features);
-void bf16_linear_pack(const torch::Tensor& weight, torch::Tensor packed);
+void bf16_linear_pack(const torch::Tensor& weight, const torch::Tensor& packed);
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
                           const c10::optional<torch::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: they let other threads of the process hold the interpreter
   // lock while they compute (as torch's own operators do), so the server's HTTP threads format and
-  // send tokens on another core during the engine's step.
+  // send tokens on another core during the engine's step. NOTE: every tensor argument is taken by
+  // const reference. A by-value tensor is moved out of pybind11's argument and destroyed inside the
+  // call, where dropping the last C++ reference to a tensor that has a Python object takes the
+  // interpreter lock again (c10::TensorImpl::decref_pyobject), behind whichever HTTP thread holds
+  // it (py-spy --native on a served step; docs/benchmarks.md, fifth round).
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode", &paged_decode, nogil, "paged decode attention over the block-table KV cache (CPU)");
   m.def("add_rms_norm", &add_rms_norm, nogil, "x += delta (in place, optional), then RMSNorm(x) * weight");

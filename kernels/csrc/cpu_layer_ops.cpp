@@ -278,7 +278,8 @@ void greedy_kernel(const T* logits, int64_t rows, int64_t vocab, int64_t stride,
 
 // x [rows, width] (updated in place to x + delta when delta is given), weight [width] ->
 // RMSNorm(x) * weight [rows, width].
-torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
+torch::Tensor add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
+                           double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "add_rms_norm: x must be a contiguous [rows, width] tensor");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "add_rms_norm: weight must be [width] in x's dtype");
@@ -299,7 +300,7 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, 
 // The first `heads` heads of each row of qkv [tokens, >= heads, head_dim] (rows may be strided,
 // heads contiguous) rotated in place by cos, sin [tokens, width]: the first `width` features of
 // each head (width < head_dim for a partial rotary factor; the rest is left as it is).
-void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
+void rope_(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.stride(2) == 1 && qkv.stride(1) == qkv.size(2), "rope_: qkv layout");
   TORCH_CHECK(heads <= qkv.size(1), "rope_: heads");
   auto c = cos.contiguous(), s = sin.contiguous();
@@ -313,7 +314,7 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t head
 }
 
 // gate_up [rows, 2 * width] (gate then up) -> silu(gate) * up [rows, width].
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up must be [rows, 2 * width]");
   auto gu = gate_up.contiguous();
   auto out = torch::empty({gu.size(0), gu.size(1) / 2}, gu.options());
@@ -323,7 +324,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 }
 
 // logits [rows, vocab] -> int64 [rows]: each row's first index of its maximum (rows without NaN).
-torch::Tensor argmax_rows(torch::Tensor logits) {
+torch::Tensor argmax_rows(const torch::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.stride(1) == 1,
               "argmax_rows: logits must be [rows, vocab], contiguous along the vocabulary");
   auto out = torch::empty({logits.size(0)}, logits.options().dtype(torch::kLong));
@@ -333,7 +334,7 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
-std::vector<torch::Tensor> greedy_rows(torch::Tensor logits) {
+std::vector<torch::Tensor> greedy_rows(const torch::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.stride(1) == 1,
               "greedy_rows: logits must be [rows, vocab], contiguous along the vocabulary");
   auto tokens = torch::empty({logits.size(0)}, logits.options().dtype(torch::kLong));
@@ -348,8 +349,8 @@ std::vector<torch::Tensor> greedy_rows(torch::Tensor logits) {
 // slots (caches [num_blocks, block_size, Hkv, D] contiguous, same dtype; slots [T] int64, -1: no
 // write): what index_copy_ does per layer, without its per-call dispatch (two index_copy_ calls
 // took 11.5 us each for a decode step's 32 rows here; docs/benchmarks.md).
-void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slots) {
+void write_kv(const torch::Tensor& key, const torch::Tensor& value, const torch::Tensor& k_cache,
+              const torch::Tensor& v_cache, const torch::Tensor& slots_in) {
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "write_kv: bad shapes");
   TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), "write_kv: head shapes differ");
@@ -358,15 +359,15 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, tor
               "write_kv: keys, values and caches must share a dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && key.stride(2) == 1 && value.stride(2) == 1,
               "write_kv: contiguous caches and head rows are needed");
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == key.size(0) && slots.scalar_type() == torch::kLong,
+  TORCH_CHECK(slots_in.dim() == 1 && slots_in.size(0) == key.size(0) && slots_in.scalar_type() == torch::kLong,
               "write_kv: one int64 slot per token");
-  slots = slots.contiguous();
+  const auto slots = slots_in.contiguous();
   const int64_t tokens = key.size(0), heads = key.size(1), dim = key.size(2);
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1), bytes = dim * key.element_size();
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slot[t] < num_slots, "write_kv: slot ", slot[t], " is outside the cache of ", num_slots);
-  const auto copy = [&](const torch::Tensor& rows, torch::Tensor& cache) {
+  const auto copy = [&](const torch::Tensor& rows, const torch::Tensor& cache) {
     const char* src = static_cast<const char*>(rows.data_ptr());
     char* dst = static_cast<char*>(cache.data_ptr());
     const int64_t s0 = rows.stride(0) * rows.element_size(), s1 = rows.stride(1) * rows.element_size();

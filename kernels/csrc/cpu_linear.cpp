@@ -166,7 +166,7 @@ int64_t bf16_linear_packed_numel(int64_t out_features, int64_t in_features) {
 // [out_features, in_features] -> the packed layout above, written into `packed` (1-D bf16 of
 // bf16_linear_packed_numel elements, zero-padded to whole tiles), which the caller allocates:
 // the model runner places the weights in huge pages (batching/host_memory.py).
-void bf16_linear_pack(const torch::Tensor& weight, torch::Tensor packed) {
+void bf16_linear_pack(const torch::Tensor& weight, const torch::Tensor& packed) {
   check_packable(weight);
   const auto w = weight.contiguous();
   const int64_t n_out = w.size(0), k_in = w.size(1), pairs = k_in / 2, tiles = tiles_of(n_out);
