@@ -130,9 +130,11 @@ inline void bf16_values(const float* probs, int64_t p_stride, const c10::BFloat1
   for (int j = 0; j < CH; ++j)
     for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
   const uint16_t* base = reinterpret_cast<const uint16_t*>(values);
+  NextSequence ahead = next;  // (its cursor in registers through the loop)
+  const bool prefetching = ahead.token < ahead.n;
   for (int64_t t = 0; t < n; ++t) {
     const uint16_t* v = base + slots[t] * token_stride;
-    next.issue();
+    if (prefetching) ahead.issue();
     if (t + kValuesAhead < n) {
       const char* ahead = reinterpret_cast<const char*>(base + slots[t + kValuesAhead] * token_stride);
       for (int64_t line = 0; line < D * 2; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
@@ -146,6 +148,7 @@ inline void bf16_values(const float* probs, int64_t p_stride, const c10::BFloat1
       for (int c = 0; c < C; ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
     }
   }
+  next = ahead;
   for (int j = 0; j < CH; ++j)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc_out + j * D + 16 * c, acc[j][c]);
 }
@@ -317,12 +320,18 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
       for (int64_t pos = start; pos < len; ++pos)
         out[pos - start] = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
     };
+    bool next_filled = false;  // next_slots holds sequence b's slots
     for (int64_t b = begin; b < end; ++b) {
-      if (b == begin) fill_slots(b, slots); else std::swap(slots, next_slots);
+      if (next_filled) std::swap(slots, next_slots); else fill_slots(b, slots);
+      next_filled = false;
       const int64_t n = static_cast<int64_t>(slots.size());
       NextSequence next;
-      if (b + 1 < end) {
+      // The next row's K/V, unless it is this sequence one token on (a prefill's rows: this row
+      // reads nearly all of it) or shares this row's first block (a cached prefix): then what it
+      // reads is largely in cache already.
+      if (b + 1 < end && tables[(b + 1) * table_width] != tables[b * table_width]) {
         fill_slots(b + 1, next_slots);
+        next_filled = true;
         next.k = reinterpret_cast<const char*>(k_ptr);
         next.v = reinterpret_cast<const char*>(v_ptr);
         next.slots = next_slots.data();
