@@ -329,7 +329,7 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
       // The next row's K/V, unless it is this sequence one token on (a prefill's rows: this row
       // reads nearly all of it) or shares this row's first block (a cached prefix): then what it
       // reads is largely in cache already.
-      if (b + 1 < end && tables[(b + 1) * table_width] != tables[b * table_width]) {
+      if (b + 1 < end && table_width > 0 && tables[(b + 1) * table_width] != tables[b * table_width]) {
         fill_slots(b + 1, next_slots);
         next_filled = true;
         next.k = reinterpret_cast<const char*>(k_ptr);
