@@ -40,10 +40,10 @@ constexpr int64_t TILE = 16;  // cache slots converted to fp32 at a time
 // their blocks scattered (as a running server's are), K/V from memory: the value sums prefetch
 // kValuesAhead tokens ahead; the scores prefetch the values of their tile too, for the whole
 // sequence when its values fit in kEarlyValuesBytes (they then wait in L2), else for the first
-// kValuesAhead tokens; each sequence prefetches the next one's first keys. 146 -> 101 us per
-// layer at up to 100 tokens, 499 -> 389 at up to 400. While a sequence sums its values, the next
-// sequence's keys and values are prefetched into L2, up to kNextPerCall lines per token: 105-118
-// -> 81-89 us per layer at up to 100 tokens, 404 -> 372-377 at up to 400.
+// kValuesAhead tokens (146 -> 101 us per layer at up to 100 tokens, 499 -> 389 at up to 400,
+// with a prefetch of the next sequence's first keys that the next line replaced). While a sequence
+// sums its values, the next sequence's keys and values are prefetched into L2, up to kNextPerCall
+// lines per token: 105-118 -> 81-89 us per layer at up to 100 tokens, 404 -> 372-377 at up to 400.
 constexpr int64_t kValuesAhead = 32;
 constexpr int64_t kEarlyValuesBytes = 64 << 10;
 constexpr int64_t kNextPerCall = 4;
@@ -116,7 +116,7 @@ inline void bf16_scores(const c10::BFloat16* q, int64_t heads, const c10::BFloat
       acc[t] = a;
     }
     const __m512 v = _mm512_mul_ps(sum_lanes16(acc), vscale);
-    _mm512_mask_storeu_ps(scores + h * stride, count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1), v);
+    _mm512_mask_storeu_ps(scores + h * stride, lmi::lanes(count), v);
   }
 }
 
@@ -275,21 +275,6 @@ void attend_sequence(const float* __restrict__ q, const T* q_rows, int64_t num_k
   lmi::store(acc, out, heads * dim);  // rounds as static_cast<T> does, vectorized
 }
 
-// The first TILE keys (whole rows, every KV head) a sequence will read.
-template <typename T>
-inline void prefetch_first_keys(const T* k_ptr, const int32_t* table, int64_t len, int64_t window,
-                                int64_t block_size, int64_t token_stride) {
-#ifdef LMI_AVX512_BF16
-  const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-  for (int64_t pos = start; pos < std::min(len, start + TILE); ++pos) {
-    const char* row = reinterpret_cast<const char*>(
-        k_ptr + (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * token_stride);
-    for (int64_t line = 0; line < token_stride * static_cast<int64_t>(sizeof(T)); line += 64)
-      _mm_prefetch(row + line, _MM_HINT_T0);
-  }
-#endif
-}
-
 template <typename T, int D>
 void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                    const torch::Tensor& block_tables, const torch::Tensor& context_lens, torch::Tensor& out,
@@ -346,10 +331,6 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
       for (int64_t h = 0; h < num_heads; ++h) {
         load(q_ptr + b * q_stride_b + h * q_stride_h, q.data() + h * head_dim, head_dim);
         std::memcpy(q_rows.data() + h * head_dim, q_ptr + b * q_stride_b + h * q_stride_h, head_dim * sizeof(T));
-      }
-      if constexpr (kBf16Vectors<T, D>) {
-        if (b + 1 < end) prefetch_first_keys(k_ptr, tables + (b + 1) * table_width, lens[b + 1], window, block_size,
-                                             num_kv_heads * head_dim);
       }
       attend_sequence<T, D>(q.data(), q_rows.data(), num_kv_heads, group, head_dim, k_ptr, v_ptr, slots.data(), n, fscale, fcap,
                             sink_ptr, scores.data(), tile.data(), acc.data(), out_ptr + b * num_heads * head_dim, next);

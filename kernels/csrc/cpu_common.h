@@ -105,6 +105,9 @@ inline __m512 exp_nonpositive16(__m512 x) {
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
+
+// The lanes [0, n) of a 16-lane step (n < 16: a tail).
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -138,8 +141,6 @@ inline void store_bf16x16(__m512 value, c10::BFloat16* dst, __mmask16 mask = 0xf
   _mm256_mask_storeu_epi16(dst, mask, _mm512_castsi512_si256(packed));
 }
 
-// The lanes [0, n) of a 16-lane step (n < 16: a tail).
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 #endif
 
 // The maximum of x[0..n) (NaN: unspecified). Written out for AVX-512: gcc does not vectorize a

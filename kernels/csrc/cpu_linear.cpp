@@ -74,7 +74,7 @@ inline void tile_rows(const uint16_t* x, int64_t x_stride, const uint16_t* w, in
   for (int b = 0; b < B; ++b) {
     const int64_t valid = std::min<int64_t>(16, columns - 16 * b);
     if (valid <= 0) break;
-    const __mmask16 mask = valid == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
+    const __mmask16 mask = lmi::lanes(valid);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * b) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
       const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(acc[r][b], bv));  // round to nearest even
